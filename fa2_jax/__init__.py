@@ -1,0 +1,9 @@
+"""fa2-jax: FlashAttention-2 for JAX, as Pallas GPU kernels."""
+from fa2_jax.attention import flash_attention
+from fa2_jax.config import BlockSizes, default_block_sizes
+from fa2_jax.reference import attention_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["flash_attention", "BlockSizes", "default_block_sizes",
+           "attention_reference", "__version__"]

@@ -1,0 +1,60 @@
+"""`custom_vjp` wiring of the Triton-lowered kernels.
+
+The forward saves (q, k, v, O, LSE); the backward computes
+delta = rowsum(dO * O) (FA2 Algorithm 2, line 4) in one XLA fusion, subtracts
+the LSE's own cotangent (dLSE/dS = P, so it folds into delta), and runs the
+dK/dV and dQ kernels.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from fa2_jax.config import BlockSizes
+from pallas_kernels import triton_backward, triton_forward
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KernelConfig:
+  """Everything static about one attention call; hashable."""
+  scale: float
+  is_causal: bool
+  block_sizes: BlockSizes
+  interpret: bool
+
+
+def _forward(q, k, v, config: KernelConfig):
+  bs = config.block_sizes
+  return triton_forward.forward(
+      q, k, v, scale=config.scale, is_causal=config.is_causal,
+      block_q=bs.block_q, block_k=bs.block_k, num_warps=bs.num_warps,
+      num_stages=bs.num_stages, interpret=config.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("config",))
+def triton_attention(q, k, v, config: KernelConfig):
+  """Differentiable FA2 attention: returns (out [B,T,N,H], lse [B,N,T])."""
+  return _forward(q, k, v, config)
+
+
+def _attention_fwd(q, k, v, config: KernelConfig):
+  out, lse = _forward(q, k, v, config)
+  return (out, lse), (q, k, v, out, lse)
+
+
+def _attention_bwd(config: KernelConfig, residuals, cotangents):
+  q, k, v, out, lse = residuals
+  d_out, d_lse = cotangents
+  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+  delta = jnp.transpose(delta, (0, 2, 1)) - d_lse  # [B, N, T]
+  bs = config.block_sizes
+  return triton_backward.backward(
+      q, k, v, d_out.astype(q.dtype), lse, delta, scale=config.scale,
+      is_causal=config.is_causal, block_q_dkv=bs.block_q_dkv,
+      block_k_dkv=bs.block_k_dkv, block_q_dq=bs.block_q_dq,
+      block_k_dq=bs.block_k_dq, num_warps=bs.num_warps_bwd,
+      num_stages=bs.num_stages_bwd, interpret=config.interpret)
+
+
+triton_attention.defvjp(_attention_fwd, _attention_bwd)

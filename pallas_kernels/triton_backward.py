@@ -1,0 +1,185 @@
+"""FlashAttention-2 backward (Algorithm 2) as Pallas kernels, Triton lowering.
+
+Two kernels, neither with atomics, so the backward is deterministic:
+  * dK/dV: grid (key blocks, batch, kv heads). A program holds one K, V tile
+    and streams Q, dO of every query head in its GQA group, so dK/dV arrive
+    already summed over the group.
+  * dQ: grid (query blocks, batch, query heads), streaming K, V tiles.
+Both recompute P = exp(S - LSE) from the forward's LSE; `delta` =
+rowsum(dO * O) (Algorithm 2, line 4) comes in precomputed.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.mask import MaskRule
+from pallas_kernels import triton_tiles as tiles
+
+
+def _load_lse2(ref, rows, seq_len: int):
+  """LSE in base 2 with +inf where P must be 0: rows past T, fully masked rows."""
+  lse = tiles.load_row_stats(ref, rows, seq_len, other=jnp.inf)
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse * tiles.LOG2E)
+
+
+def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
+                *, mask: MaskRule, scale: float, block_q: int, block_k: int,
+                head_dim: int, group: int):
+  """One [block_k, H] tile of dK and dV, summed over the GQA group.
+
+  Refs: q_ref, do_ref [T_pad, group, Hp]; k_ref, v_ref, dk_ref, dv_ref
+  [block_k, Hp]; lse_ref, delta_ref [group, T_pad].
+  Works on transposed tiles (S^T = K Q^T) so that no tile is transposed.
+  """
+  k_block = pl.program_id(0)
+  head_dim_padded = k_ref.shape[-1]
+  cols = tiles.indices(k_block * block_k, block_k)
+  k = tiles.load_tile(k_ref, cols, mask.seq_len_k, head_dim)
+  v = tiles.load_tile(v_ref, cols, mask.seq_len_k, head_dim)
+  precision = tiles.dot_precision(k_ref.dtype)
+  qk_scale = scale * tiles.LOG2E
+
+  def step(q_block, carry, *, head, masked: bool):
+    dk, dv = carry
+    rows = tiles.indices(q_block * block_q, block_q)
+    q_rows = pl.ds(q_block * block_q, block_q)
+    q = tiles.load_tile(q_ref.at[q_rows, head], rows, mask.seq_len_q, head_dim)
+    do = tiles.load_tile(do_ref.at[q_rows, head], rows, mask.seq_len_q,
+                         head_dim)
+    lse2 = _load_lse2(lse_ref.at[head, q_rows], rows, mask.seq_len_q)
+    delta = tiles.load_row_stats(delta_ref.at[head, q_rows], rows,
+                                 mask.seq_len_q, other=0.0)
+    # -- recompute P^T (Algorithm 2, lines 11-13)
+    s_t = plgpu.dot(k, q, trans_b=True, precision=precision) * qk_scale
+    p_t = jnp.exp2(s_t - lse2[None, :])
+    if masked:
+      p_t = jnp.where(mask.visible(rows[None, :], cols[:, None]), p_t, 0.0)
+    # -- dV += P^T dO (line 14); dP^T = V dO^T (line 15)
+    dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=precision)
+    dp_t = plgpu.dot(v, do, trans_b=True, precision=precision)
+    # -- dS^T = P^T * (dP^T - delta) (line 16); dK += dS^T Q (line 18)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
+    return dk, dv
+
+  start, first_full, end = mask.query_blocks(k_block, block_q, block_k)
+
+  def head_step(head, carry):
+    carry = lax.fori_loop(start, first_full, functools.partial(
+        step, head=head, masked=True), carry)
+    return lax.fori_loop(first_full, end, functools.partial(
+        step, head=head, masked=False), carry)
+
+  zeros = jnp.zeros((block_k, head_dim_padded), jnp.float32)
+  dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
+  tiles.store_tile(dk_ref, dk * scale, cols, mask.seq_len_k, head_dim)
+  tiles.store_tile(dv_ref, dv, cols, mask.seq_len_k, head_dim)
+
+
+def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+              mask: MaskRule, scale: float, block_q: int, block_k: int,
+              head_dim: int):
+  """One [block_q, H] tile of dQ.
+
+  Refs: q_ref, do_ref, dq_ref [block_q, Hp]; k_ref, v_ref [S_pad, Hp];
+  lse_ref, delta_ref [block_q].
+  """
+  q_block = pl.program_id(0)
+  head_dim_padded = q_ref.shape[-1]
+  rows = tiles.indices(q_block * block_q, block_q)
+  q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
+  do = tiles.load_tile(do_ref, rows, mask.seq_len_q, head_dim)
+  lse2 = _load_lse2(lse_ref, rows, mask.seq_len_q)
+  delta = tiles.load_row_stats(delta_ref, rows, mask.seq_len_q, other=0.0)
+  precision = tiles.dot_precision(q_ref.dtype)
+  qk_scale = scale * tiles.LOG2E
+
+  def step(k_block, dq, *, masked: bool):
+    cols = tiles.indices(k_block * block_k, block_k)
+    kv_rows = pl.ds(k_block * block_k, block_k)
+    bound = mask.seq_len_k if masked else None
+    k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
+    v = tiles.load_tile(v_ref.at[kv_rows], cols, bound, head_dim)
+    s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
+    p = jnp.exp2(s - lse2[:, None])
+    if masked:
+      p = jnp.where(mask.visible(rows[:, None], cols[None, :]), p, 0.0)
+    dp = plgpu.dot(do, v, trans_b=True, precision=precision)
+    ds = p * (dp - delta[:, None])
+    # -- dQ += dS K (Algorithm 2, line 17)
+    return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
+
+  start, first_masked, end = mask.key_blocks(q_block, block_q, block_k)
+  dq = jnp.zeros((block_q, head_dim_padded), jnp.float32)
+  dq = lax.fori_loop(start, first_masked,
+                     functools.partial(step, masked=False), dq)
+  dq = lax.fori_loop(first_masked, end, functools.partial(step, masked=True),
+                     dq)
+  tiles.store_tile(dq_ref, dq * scale, rows, mask.seq_len_q, head_dim)
+
+
+def backward(q, k, v, do, lse, delta, *, scale: float, is_causal: bool,
+             block_q_dkv: int, block_k_dkv: int, block_q_dq: int,
+             block_k_dq: int, num_warps: int, num_stages: int,
+             interpret: bool):
+  """FlashAttention-2 backward.
+
+  Args:
+    q, do: [B, T, N, H]; k, v: [B, S, K, H]; lse, delta: [B, N, T] float32,
+    with delta = rowsum(dO * O) (minus the LSE's cotangent, if any).
+  Returns:
+    dq [B, T, N, H], dk and dv [B, S, K, H], in the inputs' dtypes.
+  """
+  batch, seq_len_q, num_heads, head_dim = q.shape
+  seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  hp = tiles.padded_head_dim(head_dim)
+  mask = MaskRule(seq_len_q=seq_len_q, seq_len_k=seq_len_k, is_causal=is_causal)
+  params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+  statics = dict(mask=mask, scale=scale, head_dim=head_dim)
+
+  # dK, dV: one program per (key block, batch, kv head).
+  bq = tiles.tile_block(block_q_dkv, seq_len_q)
+  bk = tiles.tile_block(block_k_dkv, seq_len_k)
+  seq_len_q_padded = pl.cdiv(seq_len_q, bq) * bq
+  kv_tile = pl.BlockSpec((None, bk, None, hp), lambda j, b, h: (b, j, h, 0))
+  q_group = pl.BlockSpec((None, seq_len_q_padded, group, hp),
+                         lambda j, b, h: (b, 0, h, 0))
+  stats_group = pl.BlockSpec((None, group, seq_len_q_padded),
+                             lambda j, b, h: (b, h, 0))
+  dk, dv = pl.pallas_call(
+      functools.partial(dkdv_kernel, block_q=bq, block_k=bk, group=group,
+                        **statics),
+      grid=(pl.cdiv(seq_len_k, bk), batch, num_kv_heads),
+      in_specs=[q_group, kv_tile, kv_tile, q_group, stats_group, stats_group],
+      out_specs=[kv_tile, kv_tile],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=params,
+      interpret=interpret,
+      name="fa2_backward_dkdv",
+  )(q, k, v, do, lse, delta)
+
+  # dQ: one program per (query block, batch, query head).
+  bq = tiles.tile_block(block_q_dq, seq_len_q)
+  bk = tiles.tile_block(block_k_dq, seq_len_k)
+  seq_len_k_padded = pl.cdiv(seq_len_k, bk) * bk
+  q_tile = pl.BlockSpec((None, bq, None, hp), lambda i, b, h: (b, i, h, 0))
+  kv_all = pl.BlockSpec((None, seq_len_k_padded, None, hp),
+                        lambda i, b, h: (b, 0, h // group, 0))
+  stats_tile = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  dq = pl.pallas_call(
+      functools.partial(dq_kernel, block_q=bq, block_k=bk, **statics),
+      grid=(pl.cdiv(seq_len_q, bq), batch, num_heads),
+      in_specs=[q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile],
+      out_specs=q_tile,
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=params,
+      interpret=interpret,
+      name="fa2_backward_dq",
+  )(q, k, v, do, lse, delta)
+  return dq, dk, dv

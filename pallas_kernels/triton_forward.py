@@ -1,0 +1,118 @@
+"""FlashAttention-2 forward (Algorithm 1) as a Pallas kernel, Triton lowering.
+
+Grid: (query blocks, batch, query heads). Each program keeps one Q tile on
+chip, streams K and V tiles through an online softmax in float32 (base 2, so
+`exp2` with the scale folded into one multiply), rescales once at the end, and
+writes only O and the natural-log LSE.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.mask import MaskRule
+from pallas_kernels import triton_tiles as tiles
+
+
+def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: MaskRule,
+                   scale: float, block_q: int, block_k: int, head_dim: int):
+  """One [block_q, H] tile of O and its [block_q] LSE.
+
+  Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head),
+  o_ref [block_q, Hp], lse_ref [block_q]; Hp is head_dim padded to a power of 2.
+  """
+  q_block = pl.program_id(0)
+  head_dim_padded = q_ref.shape[-1]
+  rows = tiles.indices(q_block * block_q, block_q)
+  q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
+  precision = tiles.dot_precision(q_ref.dtype)
+  qk_scale = scale * tiles.LOG2E  # e^x = 2^(x log2 e)
+
+  def step(k_block, carry, *, masked: bool):
+    acc, m_i, l_i = carry
+    cols = tiles.indices(k_block * block_k, block_k)
+    kv_rows = pl.ds(k_block * block_k, block_k)
+    # Unmasked blocks lie wholly inside S: only head_dim padding to mask.
+    bound = mask.seq_len_k if masked else None
+    k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
+    s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
+    if masked:
+      s = jnp.where(mask.visible(rows[:, None], cols[None, :]), s, -jnp.inf)
+    # -- update m_i and l_i (Algorithm 1, lines 9-10)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+    # A row that has seen no visible key yet keeps m = -inf; subtract 0 then.
+    m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m_i - m_ref)
+    p = jnp.exp2(s - m_ref[:, None])
+    l_i = alpha * l_i + jnp.sum(p, axis=1)
+    # -- update the unnormalized output (Algorithm 1, line 10)
+    v = tiles.load_tile(v_ref.at[kv_rows], cols, bound, head_dim)
+    acc = alpha[:, None] * acc + plgpu.dot(
+        p.astype(v.dtype), v, precision=precision)
+    return acc, m_new, l_i
+
+  carry = (
+      jnp.zeros((block_q, head_dim_padded), jnp.float32),
+      jnp.full((block_q,), -jnp.inf, jnp.float32),
+      jnp.zeros((block_q,), jnp.float32),
+  )
+  start, first_masked, end = mask.key_blocks(q_block, block_q, block_k)
+  carry = lax.fori_loop(start, first_masked,
+                        functools.partial(step, masked=False), carry)
+  carry = lax.fori_loop(first_masked, end,
+                        functools.partial(step, masked=True), carry)
+  acc, m_i, l_i = carry
+
+  # -- one final rescale (Algorithm 1, line 12); rows that saw nothing give 0.
+  out = acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]
+  tiles.store_tile(o_ref, out, rows, mask.seq_len_q, head_dim)
+  # -- LSE in natural log (Algorithm 1, line 13); -inf for fully masked rows.
+  lse = (m_i + jnp.log2(l_i)) * tiles.LN2
+  plgpu.store(lse_ref, lse, mask=rows < mask.seq_len_q)
+
+
+def forward(q, k, v, *, scale: float, is_causal: bool, block_q: int,
+            block_k: int, num_warps: int, num_stages: int, interpret: bool):
+  """FlashAttention-2 forward.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K.
+  Returns:
+    out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
+  """
+  batch, seq_len_q, num_heads, head_dim = q.shape
+  seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  head_dim_padded = tiles.padded_head_dim(head_dim)
+  block_q = tiles.tile_block(block_q, seq_len_q)
+  block_k = tiles.tile_block(block_k, seq_len_k)
+  seq_len_k_padded = pl.cdiv(seq_len_k, block_k) * block_k
+  mask = MaskRule(seq_len_q=seq_len_q, seq_len_k=seq_len_k, is_causal=is_causal)
+
+  kernel = functools.partial(forward_kernel, mask=mask, scale=scale,
+                             block_q=block_q, block_k=block_k,
+                             head_dim=head_dim)
+  q_spec = pl.BlockSpec((None, block_q, None, head_dim_padded),
+                        lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, seq_len_k_padded, None, head_dim_padded),
+                         lambda i, b, h: (b, 0, h // group, 0))
+  return pl.pallas_call(
+      kernel,
+      grid=(pl.cdiv(seq_len_q, block_q), batch, num_heads),
+      in_specs=[q_spec, kv_spec, kv_spec],
+      out_specs=[
+          q_spec,
+          pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct(q.shape, q.dtype),
+          jax.ShapeDtypeStruct((batch, num_heads, seq_len_q), jnp.float32),
+      ],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps,
+                                           num_stages=num_stages),
+      interpret=interpret,
+      name="fa2_forward",
+  )(q, k, v)
