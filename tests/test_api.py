@@ -1,0 +1,182 @@
+"""The public API: errors for bad input, dispatch, and JAX transformations."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fa2_jax
+from tests import numerics
+
+
+def qkv(b=1, t=16, s=24, n=4, k=2, h=32, dtype=jnp.float32, seed=0):
+  q, kk, v, dout, _ = numerics.random_inputs(
+      seed, batch=b, seq_q=t, seq_k=s, heads=n, kv_heads=k, head_dim=h,
+      dtype=dtype)
+  return q, kk, v, dout
+
+
+@pytest.mark.parametrize("q_shape,k_shape,v_shape,message", [
+    ((16, 4, 32), (1, 24, 2, 32), (1, 24, 2, 32),
+     r"query must have rank 4 \[B, T, N, H\], got shape \(16, 4, 32\)"),
+    ((1, 16, 4, 32), (2, 24, 2, 32), (2, 24, 2, 32),
+     r"key batch size must match query's 1"),
+    ((1, 16, 4, 32), (1, 24, 2, 16), (1, 24, 2, 16),
+     r"key head_dim must match query's 32"),
+    ((1, 16, 4, 32), (1, 24, 2, 32), (1, 20, 2, 32),
+     r"value shape must equal key shape \(1, 24, 2, 32\), got \(1, 20, 2, 32\)"),
+    ((1, 16, 4, 32), (1, 24, 3, 32), (1, 24, 3, 32),
+     r"query heads N=4 must be a multiple of key/value heads K=3"),
+    ((1, 0, 4, 32), (1, 24, 2, 32), (1, 24, 2, 32),
+     r"query length T must be >= 1, got 0"),
+])
+def test_bad_shapes_name_the_argument(q_shape, k_shape, v_shape, message):
+  z = lambda s: jnp.ones(s, jnp.float32)
+  with pytest.raises(ValueError, match=message):
+    fa2_jax.flash_attention(z(q_shape), z(k_shape), z(v_shape),
+                            implementation="xla")
+
+
+def test_bad_dtypes():
+  q, k, v, _ = qkv()
+  with pytest.raises(ValueError, match="key dtype must match query dtype "
+                     "float32, got bfloat16"):
+    fa2_jax.flash_attention(q, k.astype(jnp.bfloat16), v, implementation="xla")
+  with pytest.raises(TypeError, match="query must be float16, bfloat16, "
+                     "float32 or float64, got int32"):
+    fa2_jax.flash_attention(q.astype(jnp.int32), k.astype(jnp.int32),
+                            v.astype(jnp.int32))
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(scale="0.1"), TypeError, "scale must be a Python float or None"),
+    (dict(scale=float("nan")), ValueError, "scale must be finite"),
+    (dict(is_causal=1), TypeError, "is_causal must be a bool, got 1"),
+    (dict(implementation="cuda"), ValueError,
+     r"implementation must be None or one of \('triton', 'mosaic', 'xla'\), "
+     r"got 'cuda'"),
+    (dict(implementation="xla", interpret=True), ValueError,
+     "interpret=True applies to the Pallas implementations"),
+    (dict(block_sizes=dict(block_q=64)), TypeError,
+     "block_sizes must be a fa2_jax.BlockSizes or None, got dict"),
+    (dict(implementation="mosaic"), NotImplementedError,
+     "implementation='mosaic'.*not available yet"),
+])
+def test_bad_arguments(kwargs, error, message):
+  q, k, v, _ = qkv()
+  with pytest.raises(error, match=message):
+    fa2_jax.flash_attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["bias", "mask", "query_seq_lengths",
+                                  "key_value_seq_lengths", "local_window_size"])
+def test_later_features_raise_not_implemented(name):
+  q, k, v, _ = qkv()
+  with pytest.raises(NotImplementedError, match=f"{name} is not supported yet"):
+    fa2_jax.flash_attention(q, k, v, **{name: jnp.ones((1,))})
+
+
+def test_kernel_limits(interpret):
+  q, k, v, _ = qkv(h=264)
+  with pytest.raises(NotImplementedError, match="head_dim 264 is not "
+                     "supported by the 'triton' kernels"):
+    fa2_jax.flash_attention(q, k, v, implementation="triton",
+                            interpret=interpret)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("block_q", 48, r"BlockSizes.block_q must be one of \(16, 32, 64, 128, "
+     r"256\), got 48"),
+    ("block_k_dq", 8, "BlockSizes.block_k_dq must be one of"),
+    ("num_warps", 3, r"BlockSizes.num_warps must be one of \(1, 2, 4, 8, 16\)"),
+    ("num_stages_bwd", 0, r"BlockSizes.num_stages_bwd must be an int in "
+     r"\[1, 8\], got 0"),
+])
+def test_block_sizes_validation(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    fa2_jax.BlockSizes(**{field: value})
+  hash(fa2_jax.BlockSizes())  # usable as a static argument
+
+
+def test_default_implementation_on_cpu_is_xla():
+  if jax.default_backend() == "gpu":
+    pytest.skip("CPU dispatch only")
+  q, k, v, _ = qkv()
+  out = fa2_jax.flash_attention(q, k, v)
+  want, _ = fa2_jax.attention_reference(q, k, v, scale=32 ** -0.5)
+  np.testing.assert_array_equal(out, want)
+  with pytest.raises(NotImplementedError, match="pass interpret=True"):
+    fa2_jax.flash_attention(q, k, v, implementation="triton")
+
+
+def test_matches_jax_nn_dot_product_attention():
+  """The reference is a drop-in for jax.nn: same layout, scale, causal, GQA."""
+  q, k, v, _ = qkv(t=24, s=24)
+  for causal in (False, True):
+    got = fa2_jax.flash_attention(q, k, v, is_causal=causal,
+                                  implementation="xla")
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                        implementation="xla")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _fwd_bwd(interpret, q, k, v, dout):
+  f = functools.partial(fa2_jax.flash_attention, is_causal=True,
+                        implementation="triton", interpret=interpret)
+  out, vjp = jax.vjp(f, q, k, v)
+  return (out, *vjp(dout))
+
+
+def test_bitwise_deterministic(interpret):
+  q, k, v, dout = qkv(t=67, s=67, n=4, k=1, dtype=jnp.bfloat16)
+  run = jax.jit(functools.partial(_fwd_bwd, interpret))
+  first = run(q, k, v, dout)
+  second = run(q, k, v, dout)
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32))
+
+
+def test_vmap(interpret):
+  q, k, v, dout = qkv(b=1, t=33, s=40)
+  stack = lambda x, y: jnp.stack([x, y])
+  q2, k2, v2, d2 = qkv(b=1, t=33, s=40, seed=1)
+  batched = jax.vmap(functools.partial(_fwd_bwd, interpret))(
+      stack(q, q2), stack(k, k2), stack(v, v2), stack(dout, d2))
+  for i, args in enumerate([(q, k, v, dout), (q2, k2, v2, d2)]):
+    for got, want in zip(batched, _fwd_bwd(interpret, *args)):
+      np.testing.assert_allclose(got[i], want, atol=1e-6, rtol=1e-6)
+
+
+def test_checkpoint_and_jit(interpret):
+  q, k, v, dout = qkv(t=40, s=40)
+  def loss(q, k, v):
+    out = fa2_jax.flash_attention(q, k, v, implementation="triton",
+                                  interpret=interpret)
+    return jnp.sum(out * dout)
+  want = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  got = jax.jit(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-6, rtol=1e-6)
+
+
+def _fwd_bwd_temp_bytes(seq_len, interpret):
+  spec = jax.ShapeDtypeStruct((1, seq_len, 1, 64), jnp.bfloat16)
+  def loss(q, k, v):
+    out = fa2_jax.flash_attention(q, k, v, is_causal=True,
+                                  implementation="triton", interpret=interpret)
+    return jnp.sum(out.astype(jnp.float32))
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+      spec, spec, spec).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_memory_is_linear_in_sequence(interpret):
+  """fwd+bwd at T=S=8192 never holds a T x S array: temporaries stay far below
+  one [T, S] float32 matrix (256 MiB) and grow ~2x, not 4x, from T=4096."""
+  temp_4k = _fwd_bwd_temp_bytes(4096, interpret)
+  temp_8k = _fwd_bwd_temp_bytes(8192, interpret)
+  one_score_matrix = 8192 * 8192 * 4
+  assert 0 < temp_8k < one_score_matrix / 8, (temp_8k, one_score_matrix)
+  assert temp_8k < 2.5 * temp_4k, (temp_4k, temp_8k)

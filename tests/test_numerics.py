@@ -1,0 +1,98 @@
+"""Kernel outputs, LSE and gradients against the reference, FA2's error rule."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fa2_jax
+from tests import numerics
+
+# (batch, T, S, N, K, H, is_causal): odd sizes on purpose.
+SHAPES = [
+    pytest.param((2, 113, 203, 4, 2, 59, False), id="113x203-h59-gqa"),
+    pytest.param((1, 113, 203, 4, 2, 96, True), id="113x203-h96-gqa-causal"),
+    pytest.param((1, 203, 113, 2, 2, 40, True), id="203x113-h40-causal-T>S"),
+    pytest.param((1, 128, 256, 4, 1, 64, True), id="128x256-h64-mqa-causal"),
+    pytest.param((2, 1, 77, 4, 4, 111, False), id="T1-h111"),
+    pytest.param((1, 1, 77, 2, 1, 128, True), id="T1-h128-causal"),
+]
+DTYPES = [jnp.bfloat16, jnp.float16, jnp.float32]
+
+# Small tiles: many blocks per sequence, block_q != block_k in both orders, so
+# the masked / unmasked / skipped block ranges of every kernel are exercised.
+SMALL_TILES = fa2_jax.BlockSizes(
+    block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=16,
+    block_k_dq=32, num_warps=4, num_stages=2, num_warps_bwd=4,
+    num_stages_bwd=2)
+
+
+def kernel_fn(*, scale, is_causal, interpret, block_sizes=None):
+  return jax.jit(functools.partial(
+      fa2_jax.flash_attention, scale=scale, is_causal=is_causal,
+      return_residual=True, implementation="triton", interpret=interpret,
+      block_sizes=block_sizes))
+
+
+def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0):
+  batch, seq_q, seq_k, heads, kv_heads, head_dim, is_causal = shape
+  q, k, v, dout, dlse = numerics.random_inputs(
+      seed, batch=batch, seq_q=seq_q, seq_k=seq_k, heads=heads,
+      kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+  scale = head_dim ** -0.5
+  fn = kernel_fn(scale=scale, is_causal=is_causal, interpret=interpret,
+                 block_sizes=block_sizes)
+  (out, lse), grads = numerics.value_and_grads(fn, q, k, v, dout, dlse)
+  assert out.dtype == dtype and lse.dtype == jnp.float32
+  assert out.shape == q.shape and lse.shape == (batch, heads, seq_q)
+  assert [g.dtype for g in grads] == [dtype] * 3
+  truth, lowp = numerics.truth_and_lowp(q, k, v, dout, dlse, scale=scale,
+                                        is_causal=is_causal)
+  (out, lse), grads = numerics.to_numpy(((out, lse), grads))
+  numerics.assert_fa_rule("out", out, lowp[0][0], truth[0][0], factor=2,
+                          dtype=dtype)
+  numerics.assert_lse_close(lse, truth[0][1])
+  for name, g, g_lowp, g_truth in zip(("dq", "dk", "dv"), grads, lowp[1],
+                                      truth[1]):
+    numerics.assert_fa_rule(name, g, g_lowp, g_truth, factor=3, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(shape, dtype, interpret):
+  check_against_reference(shape, dtype, interpret)
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 97, 131, 6, 2, 64, True), id="97x131-gqa-causal"),
+    pytest.param((1, 131, 97, 3, 3, 48, True), id="131x97-causal"),
+    pytest.param((1, 80, 80, 2, 1, 32, False), id="80x80-mqa"),
+])
+def test_small_tiles_match_reference(shape, interpret):
+  check_against_reference(shape, jnp.bfloat16, interpret,
+                          block_sizes=SMALL_TILES, seed=1)
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param((1, 70, 90, 2, 1, 256, True), id="h256-causal"),
+    pytest.param((1, 33, 1, 2, 1, 8, True), id="S1-h8-causal"),
+    pytest.param((1, 20, 45, 3, 1, 1, False), id="h1"),
+])
+def test_edge_shapes(shape, interpret):
+  check_against_reference(shape, jnp.bfloat16, interpret, seed=2)
+
+
+def test_gradients_without_residual_match_xla(interpret):
+  """The usual path (no LSE returned) differentiates like the reference."""
+  q, k, v, dout, _ = numerics.random_inputs(
+      3, batch=1, seq_q=65, seq_k=65, heads=2, kv_heads=1, head_dim=32,
+      dtype=jnp.float32)
+  def loss(impl, **kw):
+    return lambda q, k, v: jnp.sum(fa2_jax.flash_attention(
+        q, k, v, is_causal=True, implementation=impl, **kw) * dout)
+  got = jax.grad(loss("triton", interpret=interpret), argnums=(0, 1, 2))(
+      q, k, v)
+  want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=2e-5, rtol=2e-5)
