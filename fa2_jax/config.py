@@ -63,25 +63,28 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None
     device_kind: `jax.Device.device_kind`; None reads the default device.
       Tuned on H100; other GPUs take the same tiles.
   """
-  del device_kind  # One table for now: measured on H100 (see benchmarks/).
   wide = jnp.dtype(dtype).itemsize >= 4
+  del device_kind  # One table for now, measured on an H100 at seqlen 4096
+  # (benchmarks/tune_blocks.py, results in benchmarks/results/).
   if head_dim <= 64:
-    sizes = BlockSizes(block_q=128, block_k=64, num_warps=4, num_stages=3,
-                       block_q_dkv=64, block_k_dkv=128, block_q_dq=128,
-                       block_k_dq=64, num_warps_bwd=8, num_stages_bwd=2)
-  elif head_dim <= 128:
     sizes = BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=3,
+                       block_q_dkv=64, block_k_dkv=64, block_q_dq=64,
+                       block_k_dq=64, num_warps_bwd=4, num_stages_bwd=3)
+  elif head_dim <= 128:
+    sizes = BlockSizes(block_q=128, block_k=128, num_warps=8, num_stages=3,
                        block_q_dkv=64, block_k_dkv=128, block_q_dq=128,
-                       block_k_dq=64, num_warps_bwd=8, num_stages_bwd=2)
+                       block_k_dq=64, num_warps_bwd=8, num_stages_bwd=3)
   else:
     sizes = BlockSizes(block_q=64, block_k=64, num_warps=8, num_stages=2,
                        block_q_dkv=32, block_k_dkv=64, block_q_dq=64,
                        block_k_dq=32, num_warps_bwd=8, num_stages_bwd=1)
-  if wide:
+  if wide:  # float32 tiles take twice the shared memory: halve, 2 stages.
     sizes = dataclasses.replace(
         sizes, block_k=max(16, sizes.block_k // 2),
         block_q_dkv=max(16, sizes.block_q_dkv // 2),
-        block_k_dq=max(16, sizes.block_k_dq // 2))
+        block_k_dq=max(16, sizes.block_k_dq // 2),
+        num_stages=min(2, sizes.num_stages),
+        num_stages_bwd=min(2, sizes.num_stages_bwd))
   return sizes
 
 

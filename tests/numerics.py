@@ -32,8 +32,12 @@ def value_and_grads(fn, q, k, v, dout, dlse):
 
 
 def reference_fn(scale, is_causal):
-  return lambda q, k, v: attention_reference(q, k, v, scale=scale,
-                                             is_causal=is_causal)
+  """The reference at full matmul precision: XLA on GPUs would otherwise run
+  float32 matmuls in TF32, which is not "the input dtype"."""
+  def fn(q, k, v):
+    with jax.default_matmul_precision("highest"):
+      return attention_reference(q, k, v, scale=scale, is_causal=is_causal)
+  return fn
 
 
 def truth_and_lowp(q, k, v, dout, dlse, *, scale, is_causal):
