@@ -88,7 +88,7 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
   Refs: q_ref, do_ref, dq_ref [block_q, Hp]; k_ref, v_ref [S_pad, Hp];
   lse_ref, delta_ref [block_q].
   """
-  q_block = pl.program_id(0)
+  q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
   head_dim_padded = q_ref.shape[-1]
   rows = tiles.indices(q_block * block_q, block_q)
   q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
@@ -168,13 +168,17 @@ def backward(q, k, v, do, lse, delta, *, scale: float, is_causal: bool,
   bq = tiles.tile_block(block_q_dq, seq_len_q)
   bk = tiles.tile_block(block_k_dq, seq_len_k)
   seq_len_k_padded = pl.cdiv(seq_len_k, bk) * bk
-  q_tile = pl.BlockSpec((None, bq, None, hp), lambda i, b, h: (b, i, h, 0))
+  num_q_blocks = pl.cdiv(seq_len_q, bq)
+  q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
+  q_tile = pl.BlockSpec((None, bq, None, hp),
+                        lambda i, b, h: (b, q_block(i), h, 0))
   kv_all = pl.BlockSpec((None, seq_len_k_padded, None, hp),
                         lambda i, b, h: (b, 0, h // group, 0))
-  stats_tile = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  stats_tile = pl.BlockSpec((None, None, bq),
+                            lambda i, b, h: (b, h, q_block(i)))
   dq = pl.pallas_call(
       functools.partial(dq_kernel, block_q=bq, block_k=bk, **statics),
-      grid=(pl.cdiv(seq_len_q, bq), batch, num_heads),
+      grid=(num_q_blocks, batch, num_heads),
       in_specs=[q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile],
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),

@@ -24,7 +24,7 @@ def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: MaskRule,
   Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head),
   o_ref [block_q, Hp], lse_ref [block_q]; Hp is head_dim padded to a power of 2.
   """
-  q_block = pl.program_id(0)
+  q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
   head_dim_padded = q_ref.shape[-1]
   rows = tiles.indices(q_block * block_q, block_q)
   q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
@@ -95,17 +95,20 @@ def forward(q, k, v, *, scale: float, is_causal: bool, block_q: int,
   kernel = functools.partial(forward_kernel, mask=mask, scale=scale,
                              block_q=block_q, block_k=block_k,
                              head_dim=head_dim)
+  num_q_blocks = pl.cdiv(seq_len_q, block_q)
+  q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
   q_spec = pl.BlockSpec((None, block_q, None, head_dim_padded),
-                        lambda i, b, h: (b, i, h, 0))
+                        lambda i, b, h: (b, q_block(i), h, 0))
   kv_spec = pl.BlockSpec((None, seq_len_k_padded, None, head_dim_padded),
                          lambda i, b, h: (b, 0, h // group, 0))
   return pl.pallas_call(
       kernel,
-      grid=(pl.cdiv(seq_len_q, block_q), batch, num_heads),
+      grid=(num_q_blocks, batch, num_heads),
       in_specs=[q_spec, kv_spec, kv_spec],
       out_specs=[
           q_spec,
-          pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i)),
+          pl.BlockSpec((None, None, block_q),
+                       lambda i, b, h: (b, h, q_block(i))),
       ],
       out_shape=[
           jax.ShapeDtypeStruct(q.shape, q.dtype),

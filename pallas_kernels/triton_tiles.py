@@ -26,6 +26,17 @@ def tile_block(block: int, seq_len: int) -> int:
   return min(block, padded_head_dim(seq_len))
 
 
+def heavy_first(program, num_programs):
+  """The query block a program along the grid's first axis works on.
+
+  Under a causal mask the last query blocks see the most keys; launching them
+  first (blocks are dispatched in grid order) shortens the tail of the launch.
+  Used both in the kernels (on `pl.program_id(0)`) and in the BlockSpec index
+  maps, so that the two agree.
+  """
+  return num_programs - 1 - program
+
+
 def indices(start, size: int):
   """[size] int32: start, start+1, ..., start+size-1."""
   return start + lax.broadcasted_iota(jnp.int32, (size,), 0)
