@@ -2,10 +2,10 @@
 `jax.nn.dot_product_attention`. Validates, picks defaults, dispatches."""
 import jax
 
-from fa2_jax import validation
+from fa2_jax import masking, validation
 from fa2_jax.autodiff import KernelConfig, triton_attention
 from fa2_jax.config import BlockSizes, default_block_sizes
-from fa2_jax.reference import attention_reference
+from fa2_jax.reference import reference_attention
 
 IMPLEMENTATIONS = ("triton", "mosaic", "xla")
 MAX_KERNEL_HEAD_DIM = 256
@@ -43,8 +43,9 @@ def _resolve_implementation(implementation, interpret):
 def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
                     is_causal=False, query_seq_lengths=None,
                     key_value_seq_lengths=None, local_window_size=None,
-                    return_residual=False, implementation=None, interpret=None,
-                    block_sizes=None):
+                    q_segment_ids=None, kv_segment_ids=None,
+                    causal_alignment="top_left", return_residual=False,
+                    implementation=None, interpret=None, block_sizes=None):
   """Exact attention with FlashAttention-2 kernels: softmax(scale Q K^T) V.
 
   The layout and meaning follow `jax.nn.dot_product_attention`.
@@ -53,17 +54,29 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
     query: [B, T, N, H] float16, bfloat16 or float32.
     key, value: [B, S, K, H], same dtype; N a multiple of K (GQA/MQA): query
       head n reads kv head n // (N // K).
-    bias, mask, query_seq_lengths, key_value_seq_lengths, local_window_size:
-      not implemented yet; anything but None raises NotImplementedError.
+    bias, mask: not implemented yet; anything but None raises
+      NotImplementedError.
     scale: logit scale; default 1 / sqrt(H).
-    is_causal: query i sees keys j <= i (top-left, as jax.nn). For T != S:
+    is_causal: query i sees keys j <= p(i), its position (below).
+    query_seq_lengths, key_value_seq_lengths: [B] int, padding as in jax.nn:
+      query rows past their length output 0 (lse -inf), keys past theirs are
+      never seen.
+    local_window_size: int w or (left, right): query i sees keys
+      p(i) - left .. p(i) + right (w: left = right = w), as jax.nn; composes
+      with is_causal. Blocks outside the band are skipped.
+    q_segment_ids [B, T], kv_segment_ids [B, S]: int, packing: a query sees
+      only keys with its id (kv_segment_ids defaults to q_segment_ids when
+      T == S). Key blocks with no matching id are skipped.
+    causal_alignment: where query i sits, p(i): "top_left" (default, jax.nn)
+      p(i) = i; "bottom_right" (FlashAttention's convention for T != S, for
+      chunked prefill and decoding) p(i) = i + S - T. Windows use p(i) too.
 
-        T=3, S=5 (x = attends)    T=5, S=3
-          x . . . .                 x . .
-          x x . . .                 x x .
-          x x x . .                 x x x
-                                    x x x
-                                    x x x
+        is_causal, T=3, S=5:  top_left    bottom_right
+                              x . . . .   x x x . .
+                              x x . . .   x x x x .
+                              x x x . .   x x x x x
+
+      Rows that see no key (e.g. bottom_right with T > S) output 0.
     return_residual: also return lse [B, N, T] float32, the natural-log
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
@@ -77,10 +90,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
   Returns:
     out [B, T, N, H] in the input dtype, or (out, lse) with return_residual.
   """
-  for name, arg in (("bias", bias), ("mask", mask),
-                    ("query_seq_lengths", query_seq_lengths),
-                    ("key_value_seq_lengths", key_value_seq_lengths),
-                    ("local_window_size", local_window_size)):
+  for name, arg in (("bias", bias), ("mask", mask)):
     if arg is not None:
       raise NotImplementedError(f"{name} is not supported yet (got a "
                                 f"{type(arg).__name__}); pass None")
@@ -91,11 +101,17 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a fa2_jax.BlockSizes or None, got "
                     f"{type(block_sizes).__name__}")
+  rule, segments = masking.build_mask(
+      dims, is_causal=is_causal, causal_alignment=causal_alignment,
+      local_window_size=local_window_size,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
   implementation, interpret = _resolve_implementation(implementation, interpret)
 
   if implementation == "xla":
-    out, lse = attention_reference(query, key, value, scale=scale,
-                                   is_causal=is_causal)
+    out, lse = reference_attention(query, key, value, segments, mask=rule,
+                                   scale=scale)
   else:
     if dims["H"] > MAX_KERNEL_HEAD_DIM:
       raise NotImplementedError(
@@ -107,7 +123,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
           f" use float32 or implementation='xla'")
     if block_sizes is None:
       block_sizes = default_block_sizes(dims["H"], query.dtype)
-    config = KernelConfig(scale=scale, is_causal=is_causal,
-                          block_sizes=block_sizes, interpret=interpret)
-    out, lse = triton_attention(query, key, value, config=config)
+    config = KernelConfig(mask=rule, scale=scale, block_sizes=block_sizes,
+                          interpret=interpret)
+    out, lse = triton_attention(query, key, value, segments, config=config)
   return (out, lse) if return_residual else out

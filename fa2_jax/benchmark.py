@@ -26,17 +26,20 @@ TOKENS = 16384
 HIDDEN = 2048
 
 
-def attention_fn(name, *, is_causal, block_sizes=None):
+def attention_fn(name, *, is_causal, block_sizes=None, **mask_kwargs):
   """(q, k, v) -> out for an implementation name."""
   if name == "fa2-triton":
     return functools.partial(fa2_jax.flash_attention, is_causal=is_causal,
-                             implementation="triton", block_sizes=block_sizes)
+                             implementation="triton", block_sizes=block_sizes,
+                             **mask_kwargs)
   if name == "fa2-mosaic":
     return functools.partial(fa2_jax.flash_attention, is_causal=is_causal,
                              implementation="mosaic")
   if name in ("cudnn", "xla"):
+    if set(mask_kwargs) - {"local_window_size"}:
+      raise NotImplementedError(f"{name} has no {sorted(mask_kwargs)}")
     return functools.partial(jax.nn.dot_product_attention, is_causal=is_causal,
-                             implementation=name)
+                             implementation=name, **mask_kwargs)
   raise ValueError(f"unknown implementation {name!r}")
 
 
@@ -78,18 +81,27 @@ def inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
 
 
 def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
-             block_sizes=None, tokens=TOKENS, hidden=HIDDEN):
-  """Times one case; returns a result row (with "error" if it failed)."""
+             block_sizes=None, tokens=TOKENS, hidden=HIDDEN, variant=None):
+  """Times one case; returns a result row (with "error" if it failed).
+
+  `variant` names an entry of VARIANTS (mask arguments); its TFLOP/s use the
+  dense (or causal) FLOP count, so a skipped block shows up as speed.
+  """
   batch, heads = max(1, tokens // seq_len), hidden // head_dim
   row = dict(impl=impl, seq_len=seq_len, head_dim=head_dim, batch=batch,
              heads=heads, causal=is_causal, pass_=pass_,
              dtype=jnp.dtype(dtype).name)
+  mask_kwargs = {}
+  if variant is not None:
+    row["variant"] = variant
+    mask_kwargs = VARIANTS[variant](batch, seq_len)
   if block_sizes is not None:
     row["block_sizes"] = vars(block_sizes) if hasattr(
         block_sizes, "__dict__") else str(block_sizes)
   try:
     q, k, v, dout = inputs(batch, seq_len, heads, head_dim, dtype)
-    fn = attention_fn(impl, is_causal=is_causal, block_sizes=block_sizes)
+    fn = attention_fn(impl, is_causal=is_causal, block_sizes=block_sizes,
+                      **mask_kwargs)
     args = (q, k, v) if pass_ == "fwd" else (q, k, v, dout)
     seconds = time_step(make_step(fn, pass_), args)
     row["ms"] = seconds * 1e3
@@ -98,6 +110,19 @@ def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
   except Exception as e:  # recorded, not raised: OOM, unsupported, ...
     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
   return row
+
+
+def _packed_segments(batch, seq_len, num_docs=8):
+  """[B, T] ids of `num_docs` equal documents per row."""
+  doc = jnp.arange(seq_len, dtype=jnp.int32) * num_docs // seq_len
+  return jnp.broadcast_to(doc, (batch, seq_len))
+
+
+# Mask variants for `--variants`: name -> (batch, seq_len) -> mask kwargs.
+VARIANTS = {
+    "window-1k": lambda b, t: dict(local_window_size=(1024, 0)),
+    "packed-8docs": lambda b, t: dict(q_segment_ids=_packed_segments(b, t)),
+}
 
 
 def environment():
@@ -135,8 +160,13 @@ def main(argv=None):
   parser.add_argument("--seq-lens", default="1024,4096,16384")
   parser.add_argument("--head-dims", default="64,128")
   parser.add_argument("--passes", default="fwd,fwd+bwd")
+  parser.add_argument("--variants", action="store_true",
+                      help="time causal mask variants (window, packed) "
+                      "against plain causal instead of the dense sweep")
   args = parser.parse_args(argv)
   rows = []
+  if args.variants:
+    return variant_sweep(args)
   for seq_len in map(int, args.seq_lens.split(",")):
     for head_dim in map(int, args.head_dims.split(",")):
       for is_causal in (False, True):
@@ -149,6 +179,34 @@ def main(argv=None):
   with open(args.output, "w") as f:
     json.dump(dict(environment=environment(), rows=rows), f, indent=1)
   print(ratio_table(rows))
+
+
+def variant_sweep(args):
+  """Causal attention with a window or packed documents vs plain causal."""
+  rows = []
+  for seq_len in map(int, args.seq_lens.split(",")):
+    for head_dim in map(int, args.head_dims.split(",")):
+      for pass_ in args.passes.split(","):
+        for variant in (None, *VARIANTS):
+          impls = ["fa2-triton"] + (["cudnn"] if variant in (
+              None, "window-1k") else [])
+          for impl in impls:
+            row = run_case(impl, seq_len=seq_len, head_dim=head_dim,
+                           is_causal=True, pass_=pass_, variant=variant)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+  with open(args.output, "w") as f:
+    json.dump(dict(environment=environment(), rows=rows), f, indent=1)
+  print("| seq | head_dim | pass | impl | variant | ms | speed-up vs causal |")
+  print("|---|---|---|---|---|---|---|")
+  base = {(r["impl"], r["seq_len"], r["head_dim"], r["pass_"]): r
+          for r in rows if "variant" not in r and "ms" in r}
+  for r in rows:
+    ref = base.get((r["impl"], r["seq_len"], r["head_dim"], r["pass_"]))
+    speedup = (f"{ref['ms'] / r['ms']:.1f}x" if ref and "ms" in r else "-")
+    ms = f"{r['ms']:.2f}" if "ms" in r else r.get("error", "-")[:40]
+    print(f"| {r['seq_len']} | {r['head_dim']} | {r['pass_']} | {r['impl']} "
+          f"| {r.get('variant', 'causal')} | {ms} | {speedup} |")
 
 
 if __name__ == "__main__":

@@ -9,18 +9,19 @@ O(T S) memory, for testing and as `implementation="xla"`.
 import jax
 import jax.numpy as jnp
 
+from fa2_jax import masking, validation
 from pallas_kernels.mask import MaskRule
 
 
-def attention_reference(query, key, value, *, scale: float,
-                        is_causal: bool = False):
-  """Reference attention.
+def reference_attention(query, key, value, segments=None, *, mask: MaskRule,
+                        scale: float):
+  """Reference attention under a `MaskRule` (the kernels' interface).
 
   Args:
     query: [B, T, N, H]; key, value: [B, S, K, H], N a multiple of K
       (query head n reads kv head n // (N // K)).
-    scale: multiplies the logits.
-    is_causal: query i sees keys j <= i (top-left alignment).
+    segments: None or (q_segments [B, T], kv_segments [B, S]) int32.
+    mask: the visibility rule; scale: multiplies the logits.
   Returns:
     out [B, T, N, H] in the input dtype; lse [B, N, T] float32 (float64 for
     float64 inputs), natural log of the softmax denominator.
@@ -33,9 +34,12 @@ def attention_reference(query, key, value, *, scale: float,
   q = query.reshape(batch, seq_len_q, num_kv_heads, group, head_dim)
   logits = jnp.einsum("btkgh,bskh->bkgts", q, key,
                       preferred_element_type=acc) * scale
-  rule = MaskRule(seq_len_q=seq_len_q, seq_len_k=seq_len_k, is_causal=is_causal)
-  visible = rule.visible(jnp.arange(seq_len_q)[:, None],
-                         jnp.arange(seq_len_k)[None, :])
+  segs = ()
+  if mask.has_segments:
+    q_seg, kv_seg = segments
+    segs = (q_seg[:, None, None, :, None], kv_seg[:, None, None, None, :])
+  visible = mask.visible(jnp.arange(seq_len_q)[:, None],
+                         jnp.arange(seq_len_k)[None, :], *segs)
   logits = jnp.where(visible, logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
@@ -47,3 +51,23 @@ def attention_reference(query, key, value, *, scale: float,
   out = out.reshape(batch, seq_len_q, num_heads, head_dim).astype(query.dtype)
   lse = (jnp.log(l) + m)[..., 0].reshape(batch, num_heads, seq_len_q)
   return out, lse
+
+
+def attention_reference(query, key, value, *, scale: float, is_causal=False,
+                        causal_alignment="top_left", local_window_size=None,
+                        query_seq_lengths=None, key_value_seq_lengths=None,
+                        q_segment_ids=None, kv_segment_ids=None):
+  """Reference attention with `fa2_jax.flash_attention`'s mask arguments.
+
+  Returns (out [B, T, N, H], lse [B, N, T]); see `flash_attention` for the
+  arguments.
+  """
+  dims = validation.check_qkv(query, key, value)
+  mask, segments = masking.build_mask(
+      dims, is_causal=is_causal, causal_alignment=causal_alignment,
+      local_window_size=local_window_size,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  return reference_attention(query, key, value, segments, mask=mask,
+                             scale=scale)

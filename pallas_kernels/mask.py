@@ -1,46 +1,61 @@
 """The attention mask rule, in one place for every kernel and the reference.
 
-A query row i (0 <= i < T) sees key column j (0 <= j < S) when j < S and, under
-`is_causal`, j <= i (top-left alignment, as `jax.nn.dot_product_attention`):
+Query row i sits at position p(i) = i + offset: offset 0 aligns the first query
+with the first key (top-left, `jax.nn`), offset S - T aligns the last query with
+the last key (bottom-right, FlashAttention's convention for T != S). Row i sees
+key j (0 <= j < S) when all of these hold:
+  * is_causal:            j <= p(i)
+  * window (left, right): p(i) - left <= j <= p(i) + right   (None: unbounded)
+  * segment ids:          q_segment[i] == kv_segment[j]   (padding lengths are
+                          folded into segment ids by `lengths_to_segments`)
 
-    is_causal, T=3, S=5        is_causal, T=5, S=3
-        j: 0 1 2 3 4               j: 0 1 2
-    i=0    x . . . .           i=0    x . .
-    i=1    x x . . .           i=1    x x .
-    i=2    x x x . .           i=2    x x x
-                               i=3    x x x
-                               i=4    x x x
+    causal, T=3, S=5, top-left     causal, T=3, S=5, bottom-right
+        j: 0 1 2 3 4                   j: 0 1 2 3 4
+    i=0    x . . . .               i=0    x x x . .
+    i=1    x x . . .               i=1    x x x x .
+    i=2    x x x . .               i=2    x x x x x
 
-The block-range helpers tell a kernel which key blocks a query block must
-visit (and the converse for the dK/dV kernel), split into blocks that need the
-element-wise mask and blocks that are entirely visible, so that fully masked
-blocks are skipped and unmasked ones pay nothing for masking.
-All helpers work on Python ints and on traced int32 scalars alike.
+The block-range helpers tell a kernel which key blocks a query block visits (and
+the converse for dK/dV) as four bounds `(start, full_start, full_end, end)`:
+blocks in [full_start, full_end) are wholly visible and skip the element-wise
+mask, blocks in [start, full_start) and [full_end, end) need it, the rest are
+skipped. They work on Python ints and traced int32 scalars alike.
 """
 import dataclasses
 
 import jax.numpy as jnp
 from jax import lax
 
+# Segment ids that padding takes: distinct, so padded rows see no key.
+PAD_QUERY_SEGMENT = -(2 ** 31)
+PAD_KEY_SEGMENT = -(2 ** 31) + 1
 
-def _cdiv(a, b):
-  return lax.div(a + b - 1, b) if not isinstance(a, int) else -(-a // b)
+
+def _is_int(*xs):
+  return all(isinstance(x, int) for x in xs)
 
 
 def _min(a, b):
-  if isinstance(a, int) and isinstance(b, int):
-    return min(a, b)
-  return jnp.minimum(a, b)
+  return min(a, b) if _is_int(a, b) else jnp.minimum(a, b)
 
 
 def _max(a, b):
-  if isinstance(a, int) and isinstance(b, int):
-    return max(a, b)
-  return jnp.maximum(a, b)
+  return max(a, b) if _is_int(a, b) else jnp.maximum(a, b)
 
 
-def _floordiv(a, b):
-  return a // b if isinstance(a, int) else lax.div(a, b)
+def _clamp(x, lo, hi):
+  return _min(_max(x, lo), hi)
+
+
+def _floordiv_nonneg(a, b: int):
+  """floor(max(a, 0) / b)."""
+  a = _max(a, 0)
+  return a // b if _is_int(a) else lax.div(a, b)
+
+
+def _cdiv_nonneg(a, b: int):
+  """ceil(max(a, 0) / b)."""
+  return _floordiv_nonneg(_max(a, 0) + (b - 1), b)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,58 +63,196 @@ class MaskRule:
   """Which (query, key) pairs are visible; hashable, so usable as a static.
 
   Attributes:
-    seq_len_q: T, the number of query rows.
-    seq_len_k: S, the number of key columns.
-    is_causal: query i sees only keys j <= i (top-left alignment).
+    seq_len_q, seq_len_k: T and S.
+    is_causal: keys after the query's position are hidden.
+    offset: query i sits at position i + offset (0 top-left, S - T
+      bottom-right).
+    window_left, window_right: the local window around the query's position;
+      None is unbounded on that side.
+    has_segments: the element-wise rule also compares segment ids.
   """
   seq_len_q: int
   seq_len_k: int
   is_causal: bool = False
+  offset: int = 0
+  window_left: int | None = None
+  window_right: int | None = None
+  has_segments: bool = False
 
-  def visible(self, q_idx, k_idx):
-    """Element-wise visibility; `q_idx` and `k_idx` broadcast against each other.
+  @property
+  def has_position_mask(self) -> bool:
+    return (self.is_causal or self.window_left is not None
+            or self.window_right is not None)
+
+  def key_loops(self) -> dict:
+    """Which of the three key-block loops (see `key_blocks`) can be non-empty."""
+    return dict(leading=self.window_left is not None or self.has_segments,
+                middle=not self.has_segments, trailing=not self.has_segments)
+
+  def query_loops(self) -> dict:
+    """Which of the three query-block loops (`query_blocks`) can be non-empty."""
+    return dict(leading=self.has_position_mask or self.has_segments,
+                middle=not self.has_segments,
+                trailing=self.window_left is not None and not self.has_segments)
+
+  def visible(self, q_idx, k_idx, q_segment=None, kv_segment=None):
+    """Element-wise visibility; all arguments broadcast against each other.
 
     Args:
-      q_idx: int32 query row indices, e.g. [block_q, 1] (or [1, block_q]).
-      k_idx: int32 key column indices, e.g. [1, block_k] (or [block_k, 1]).
+      q_idx: int32 query rows, e.g. [block_q, 1] (or [1, block_q]).
+      k_idx: int32 key columns, e.g. [1, block_k] (or [block_k, 1]).
+      q_segment, kv_segment: int32 segment ids shaped like q_idx and k_idx;
+        required when `has_segments`.
     Returns:
-      bool of the broadcast shape, True where the query attends to the key.
+      bool, broadcastable to the indices' broadcast shape (terms that do not
+      involve q_idx are not broadcast over it): True where the query attends.
     """
     ok = k_idx < self.seq_len_k
+    pos = q_idx + self.offset
     if self.is_causal:
-      ok = jnp.logical_and(ok, q_idx >= k_idx)
+      ok = jnp.logical_and(ok, k_idx <= pos)
+    if self.window_left is not None:
+      ok = jnp.logical_and(ok, k_idx >= pos - self.window_left)
+    if self.window_right is not None:
+      ok = jnp.logical_and(ok, k_idx <= pos + self.window_right)
+    if self.has_segments:
+      ok = jnp.logical_and(ok, q_segment == kv_segment)
     return ok
 
   def key_blocks(self, q_block, block_q: int, block_k: int):
-    """Key blocks that query block `q_block` visits: `(start, first_masked, end)`.
-
-    Blocks in [start, first_masked) are entirely visible; blocks in
-    [first_masked, end) need `visible`; blocks past `end` are skipped.
-    """
-    num_k_blocks = _cdiv(self.seq_len_k, block_k)
-    num_full = self.seq_len_k // block_k  # blocks with no key past S.
-    if not self.is_causal:
-      return 0, num_full, num_k_blocks
-    first_row = q_block * block_q
-    last_row_end = first_row + block_q  # one past the block's last row.
-    # Block j is entirely visible iff its last key (j+1)*bk-1 <= first_row.
-    first_masked = _min(_floordiv(first_row + 1, block_k), num_full)
-    end = _min(_cdiv(last_row_end, block_k), num_k_blocks)
-    return 0, first_masked, end
+    """Key blocks that query block `q_block` visits (see the module doc)."""
+    num_k_blocks = -(-self.seq_len_k // block_k)
+    first_pos = q_block * block_q + self.offset
+    last_pos = first_pos + block_q - 1
+    # Visited: keys that some row of the block may see.
+    hi, lo = self.seq_len_k - 1, 0
+    if self.is_causal:
+      hi = _min(hi, last_pos)
+    if self.window_right is not None:
+      hi = _min(hi, last_pos + self.window_right)
+    if self.window_left is not None:
+      lo = _max(lo, first_pos - self.window_left)
+    start = _min(_floordiv_nonneg(lo, block_k), num_k_blocks)
+    end = _clamp(_cdiv_nonneg(hi + 1, block_k), start, num_k_blocks)
+    # Wholly visible: keys that every row of the block sees.
+    full_hi, full_lo = self.seq_len_k - 1, 0
+    if self.is_causal:
+      full_hi = _min(full_hi, first_pos)
+    if self.window_right is not None:
+      full_hi = _min(full_hi, first_pos + self.window_right)
+    if self.window_left is not None:
+      full_lo = _max(full_lo, last_pos - self.window_left)
+    full_start = _clamp(_cdiv_nonneg(full_lo, block_k), start, end)
+    full_end = _clamp(_floordiv_nonneg(full_hi + 1, block_k), full_start, end)
+    if self.has_segments:  # segment ids are element-wise: mask every block.
+      full_end = full_start
+    return start, full_start, full_end, end
 
   def query_blocks(self, k_block, block_q: int, block_k: int):
-    """Query blocks that key block `k_block` is seen by: `(start, first_full, end)`.
+    """Query blocks that key block `k_block` is seen by (see the module doc).
 
-    Blocks in [start, first_full) need `visible`; blocks in [first_full, end)
-    see every key of the block (keys past S are never stored, so the dK/dV
-    kernel does not mask them); blocks outside are skipped.
+    Keys past S are never stored by the dK/dV kernel, and rows past T carry
+    P = 0 there, so neither needs masking: only positions and segments do.
     """
-    num_q_blocks = _cdiv(self.seq_len_q, block_q)
-    if not self.is_causal:
-      return 0, 0, num_q_blocks
+    num_q_blocks = -(-self.seq_len_q // block_q)
     first_key = k_block * block_k
-    last_key = first_key + block_k - 1
-    start = _min(_floordiv(first_key, block_q), num_q_blocks)
-    # Query block i sees all of the key block iff its first row >= last_key.
-    first_full = _max(_min(_cdiv(last_key, block_q), num_q_blocks), start)
-    return start, first_full, num_q_blocks
+    last_key = _min(first_key + block_k - 1, self.seq_len_k - 1)
+    # Visited: rows whose position may see some key of the block.
+    pos_lo, pos_hi = None, None
+    if self.is_causal:
+      pos_lo = first_key
+    if self.window_right is not None:
+      lo = first_key - self.window_right
+      pos_lo = lo if pos_lo is None else _max(pos_lo, lo)
+    if self.window_left is not None:
+      pos_hi = last_key + self.window_left
+    start = 0 if pos_lo is None else _min(
+        _floordiv_nonneg(pos_lo - self.offset, block_q), num_q_blocks)
+    end = num_q_blocks if pos_hi is None else _clamp(
+        _cdiv_nonneg(pos_hi - self.offset + 1, block_q), start, num_q_blocks)
+    # Wholly visible: rows whose position sees every key of the block.
+    full_lo, full_hi = None, None
+    if self.is_causal:
+      full_lo = first_key + block_k - 1
+    if self.window_right is not None:
+      lo = first_key + block_k - 1 - self.window_right
+      full_lo = lo if full_lo is None else _max(full_lo, lo)
+    if self.window_left is not None:
+      full_hi = first_key + self.window_left
+    full_start = start if full_lo is None else _clamp(
+        _cdiv_nonneg(full_lo - self.offset, block_q), start, end)
+    full_end = end if full_hi is None else _clamp(
+        _floordiv_nonneg(full_hi - self.offset + 1, block_q), full_start, end)
+    if self.has_segments:
+      full_end = full_start
+    return start, full_start, full_end, end
+
+
+def lengths_to_segments(q_segment_ids, kv_segment_ids, q_lengths, kv_lengths,
+                        *, batch: int, seq_len_q: int, seq_len_k: int):
+  """Folds padding lengths into segment ids, so one rule masks both.
+
+  Args:
+    q_segment_ids [B, T], kv_segment_ids [B, S] int32, or None (one segment).
+    q_lengths, kv_lengths [B] int32, or None (no padding).
+  Returns:
+    (q_segments [B, T], kv_segments [B, S]) int32, where rows past q_length
+    take PAD_QUERY_SEGMENT and keys past kv_length PAD_KEY_SEGMENT; or None
+    when nothing was given.
+  """
+  if all(x is None for x in (q_segment_ids, kv_segment_ids, q_lengths,
+                             kv_lengths)):
+    return None
+  q_seg = (jnp.zeros((batch, seq_len_q), jnp.int32) if q_segment_ids is None
+           else q_segment_ids.astype(jnp.int32))
+  kv_seg = (jnp.zeros((batch, seq_len_k), jnp.int32) if kv_segment_ids is None
+            else kv_segment_ids.astype(jnp.int32))
+  if q_lengths is not None:
+    rows = jnp.arange(seq_len_q, dtype=jnp.int32)[None, :]
+    q_seg = jnp.where(rows < q_lengths[:, None], q_seg, PAD_QUERY_SEGMENT)
+  if kv_lengths is not None:
+    cols = jnp.arange(seq_len_k, dtype=jnp.int32)[None, :]
+    kv_seg = jnp.where(cols < kv_lengths[:, None], kv_seg, PAD_KEY_SEGMENT)
+  return q_seg, kv_seg
+
+
+def segment_block_ranges(q_seg, kv_seg, block_q: int, block_k: int):
+  """Per-block ranges of blocks that can hold a matching segment pair.
+
+  Block i of queries and block j of keys can match only if their id ranges
+  [min, max] intersect. For sorted ids (packed documents) the matching blocks
+  are contiguous, so [first, last + 1) skips all the others; for unsorted ids
+  the range may include blocks that the element-wise mask then discards.
+
+  Args:
+    q_seg [B, T], kv_seg [B, S] int32.
+  Returns:
+    key_range [B, num_q_blocks, 2] and query_range [B, num_k_blocks, 2] int32:
+    [first, end) block bounds; first == end when nothing matches.
+  """
+  def block_min_max(seg, block):
+    batch, length = seg.shape
+    num = -(-length // block)
+    # Pad with a copy of the last id so that padding does not widen the range.
+    padded = jnp.pad(seg, ((0, 0), (0, num * block - length)), mode="edge")
+    tiles = padded.reshape(batch, num, block)
+    return tiles.min(-1), tiles.max(-1)
+
+  q_min, q_max = block_min_max(q_seg, block_q)
+  k_min, k_max = block_min_max(kv_seg, block_k)
+  # [B, nq, nk]: can query block i and key block j match?
+  meet = jnp.logical_and(q_min[:, :, None] <= k_max[:, None, :],
+                         k_min[:, None, :] <= q_max[:, :, None])
+
+  def bounds(meet, axis_len):
+    idx = jnp.arange(axis_len, dtype=jnp.int32)
+    any_meet = jnp.any(meet, axis=-1)
+    first = jnp.min(jnp.where(meet, idx, axis_len), axis=-1)
+    last = jnp.max(jnp.where(meet, idx, -1), axis=-1)
+    first = jnp.where(any_meet, first, 0)
+    end = jnp.where(any_meet, last + 1, 0)
+    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
+
+  key_range = bounds(meet, meet.shape[2])
+  query_range = bounds(jnp.swapaxes(meet, 1, 2), meet.shape[1])
+  return key_range, query_range

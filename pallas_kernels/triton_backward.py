@@ -26,15 +26,18 @@ def _load_lse2(ref, rows, seq_len: int):
   return jnp.where(lse == -jnp.inf, jnp.inf, lse * tiles.LOG2E)
 
 
-def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                *, mask: MaskRule, scale: float, block_q: int, block_k: int,
+def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
+                mask: MaskRule, scale: float, block_q: int, block_k: int,
                 head_dim: int, group: int):
   """One [block_k, H] tile of dK and dV, summed over the GQA group.
 
-  Refs: q_ref, do_ref [T_pad, group, Hp]; k_ref, v_ref, dk_ref, dv_ref
-  [block_k, Hp]; lse_ref, delta_ref [group, T_pad].
-  Works on transposed tiles (S^T = K Q^T) so that no tile is transposed.
+  Refs: q_ref, do_ref [T_pad, group, Hp]; k_ref, v_ref [block_k, Hp];
+  lse_ref, delta_ref [group, T_pad]; with segments, q_seg_ref [T_pad],
+  kv_seg_ref [block_k] and the 0-d query-block range refs; then dk_ref,
+  dv_ref [block_k, Hp]. Works on transposed tiles (S^T = K Q^T) so that no
+  tile is transposed.
   """
+  segs, (dk_ref, dv_ref) = tiles.split_segment_refs(refs, mask)
   k_block = pl.program_id(0)
   head_dim_padded = k_ref.shape[-1]
   cols = tiles.indices(k_block * block_k, block_k)
@@ -42,6 +45,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   v = tiles.load_tile(v_ref, cols, mask.seq_len_k, head_dim)
   precision = tiles.dot_precision(k_ref.dtype)
   qk_scale = scale * tiles.LOG2E
+  kv_seg = tiles.load_key_segments(segs, cols, mask)
 
   def step(q_block, carry, *, head, masked: bool):
     dk, dv = carry
@@ -57,7 +61,10 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     s_t = plgpu.dot(k, q, trans_b=True, precision=precision) * qk_scale
     p_t = jnp.exp2(s_t - lse2[None, :])
     if masked:
-      p_t = jnp.where(mask.visible(rows[None, :], cols[:, None]), p_t, 0.0)
+      q_seg = tiles.load_query_segments(segs, rows, mask, at=q_rows)
+      visible = tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg,
+                                      keys_major=True)
+      p_t = jnp.where(visible, p_t, 0.0)
     # -- dV += P^T dO (line 14); dP^T = V dO^T (line 15)
     dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=precision)
     dp_t = plgpu.dot(v, do, trans_b=True, precision=precision)
@@ -66,13 +73,12 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
     return dk, dv
 
-  start, first_full, end = mask.query_blocks(k_block, block_q, block_k)
+  bounds = tiles.clamp_to_segments(
+      mask.query_blocks(k_block, block_q, block_k), segs)
 
   def head_step(head, carry):
-    carry = lax.fori_loop(start, first_full, functools.partial(
-        step, head=head, masked=True), carry)
-    return lax.fori_loop(first_full, end, functools.partial(
-        step, head=head, masked=False), carry)
+    return tiles.visit_blocks(bounds, functools.partial(step, head=head),
+                              carry, **mask.query_loops())
 
   zeros = jnp.zeros((block_k, head_dim_padded), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
@@ -80,14 +86,16 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
   tiles.store_tile(dv_ref, dv, cols, mask.seq_len_k, head_dim)
 
 
-def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
               mask: MaskRule, scale: float, block_q: int, block_k: int,
               head_dim: int):
   """One [block_q, H] tile of dQ.
 
-  Refs: q_ref, do_ref, dq_ref [block_q, Hp]; k_ref, v_ref [S_pad, Hp];
-  lse_ref, delta_ref [block_q].
+  Refs: q_ref, do_ref [block_q, Hp]; k_ref, v_ref [S_pad, Hp]; lse_ref,
+  delta_ref [block_q]; with segments, q_seg_ref [block_q], kv_seg_ref [S_pad]
+  and the 0-d key-block range refs; then dq_ref [block_q, Hp].
   """
+  segs, (dq_ref,) = tiles.split_segment_refs(refs, mask)
   q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
   head_dim_padded = q_ref.shape[-1]
   rows = tiles.indices(q_block * block_q, block_q)
@@ -97,6 +105,7 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
   delta = tiles.load_row_stats(delta_ref, rows, mask.seq_len_q, other=0.0)
   precision = tiles.dot_precision(q_ref.dtype)
   qk_scale = scale * tiles.LOG2E
+  q_seg = tiles.load_query_segments(segs, rows, mask)
 
   def step(k_block, dq, *, masked: bool):
     cols = tiles.indices(k_block * block_k, block_k)
@@ -107,30 +116,32 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
     p = jnp.exp2(s - lse2[:, None])
     if masked:
-      p = jnp.where(mask.visible(rows[:, None], cols[None, :]), p, 0.0)
+      kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
+      p = jnp.where(tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg),
+                    p, 0.0)
     dp = plgpu.dot(do, v, trans_b=True, precision=precision)
     ds = p * (dp - delta[:, None])
     # -- dQ += dS K (Algorithm 2, line 17)
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
-  start, first_masked, end = mask.key_blocks(q_block, block_q, block_k)
+  bounds = tiles.clamp_to_segments(
+      mask.key_blocks(q_block, block_q, block_k), segs)
   dq = jnp.zeros((block_q, head_dim_padded), jnp.float32)
-  dq = lax.fori_loop(start, first_masked,
-                     functools.partial(step, masked=False), dq)
-  dq = lax.fori_loop(first_masked, end, functools.partial(step, masked=True),
-                     dq)
+  dq = tiles.visit_blocks(bounds, step, dq, **mask.key_loops())
   tiles.store_tile(dq_ref, dq * scale, rows, mask.seq_len_q, head_dim)
 
 
-def backward(q, k, v, do, lse, delta, *, scale: float, is_causal: bool,
-             block_q_dkv: int, block_k_dkv: int, block_q_dq: int,
-             block_k_dq: int, num_warps: int, num_stages: int,
-             interpret: bool):
+def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
+             scale: float, block_q_dkv: int, block_k_dkv: int,
+             block_q_dq: int, block_k_dq: int, num_warps: int,
+             num_stages: int, interpret: bool):
   """FlashAttention-2 backward.
 
   Args:
     q, do: [B, T, N, H]; k, v: [B, S, K, H]; lse, delta: [B, N, T] float32,
     with delta = rowsum(dO * O) (minus the LSE's cotangent, if any).
+    segments: None or (q_segments [B, T], kv_segments [B, S]) int32, as in
+    the forward; mask: the forward's visibility rule.
   Returns:
     dq [B, T, N, H], dk and dv [B, S, K, H], in the inputs' dtypes.
   """
@@ -138,7 +149,6 @@ def backward(q, k, v, do, lse, delta, *, scale: float, is_causal: bool,
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   hp = tiles.padded_head_dim(head_dim)
-  mask = MaskRule(seq_len_q=seq_len_q, seq_len_k=seq_len_k, is_causal=is_causal)
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   statics = dict(mask=mask, scale=scale, head_dim=head_dim)
 
@@ -151,18 +161,25 @@ def backward(q, k, v, do, lse, delta, *, scale: float, is_causal: bool,
                          lambda j, b, h: (b, 0, h, 0))
   stats_group = pl.BlockSpec((None, group, seq_len_q_padded),
                              lambda j, b, h: (b, h, 0))
+  in_specs = [q_group, kv_tile, kv_tile, q_group, stats_group, stats_group]
+  args = [q, k, v, do, lse, delta]
+  if mask.has_segments:
+    specs, arrays = tiles.segment_inputs(
+        segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
+        seq_len_k=seq_len_k, query_major=False)
+    in_specs, args = in_specs + specs, args + arrays
   dk, dv = pl.pallas_call(
       functools.partial(dkdv_kernel, block_q=bq, block_k=bk, group=group,
                         **statics),
       grid=(pl.cdiv(seq_len_k, bk), batch, num_kv_heads),
-      in_specs=[q_group, kv_tile, kv_tile, q_group, stats_group, stats_group],
+      in_specs=in_specs,
       out_specs=[kv_tile, kv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params,
       interpret=interpret,
       name="fa2_backward_dkdv",
-  )(q, k, v, do, lse, delta)
+  )(*args)
 
   # dQ: one program per (query block, batch, query head).
   bq = tiles.tile_block(block_q_dq, seq_len_q)
@@ -176,14 +193,21 @@ def backward(q, k, v, do, lse, delta, *, scale: float, is_causal: bool,
                         lambda i, b, h: (b, 0, h // group, 0))
   stats_tile = pl.BlockSpec((None, None, bq),
                             lambda i, b, h: (b, h, q_block(i)))
+  in_specs = [q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile]
+  args = [q, k, v, do, lse, delta]
+  if mask.has_segments:
+    specs, arrays = tiles.segment_inputs(
+        segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
+        seq_len_k=seq_len_k, query_major=True, q_block=q_block)
+    in_specs, args = in_specs + specs, args + arrays
   dq = pl.pallas_call(
       functools.partial(dq_kernel, block_q=bq, block_k=bk, **statics),
       grid=(num_q_blocks, batch, num_heads),
-      in_specs=[q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile],
+      in_specs=in_specs,
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=interpret,
       name="fa2_backward_dq",
-  )(q, k, v, do, lse, delta)
+  )(*args)
   return dq, dk, dv

@@ -9,7 +9,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -17,19 +16,23 @@ from pallas_kernels.mask import MaskRule
 from pallas_kernels import triton_tiles as tiles
 
 
-def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: MaskRule,
-                   scale: float, block_q: int, block_k: int, head_dim: int):
+def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule, scale: float,
+                   block_q: int, block_k: int, head_dim: int):
   """One [block_q, H] tile of O and its [block_q] LSE.
 
-  Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head),
-  o_ref [block_q, Hp], lse_ref [block_q]; Hp is head_dim padded to a power of 2.
+  Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head); with
+  segments, q_seg_ref [block_q], kv_seg_ref [S_pad] and the 0-d key-block
+  range refs; then o_ref [block_q, Hp], lse_ref [block_q]. Hp is head_dim
+  padded to a power of two.
   """
+  segs, (o_ref, lse_ref) = tiles.split_segment_refs(refs, mask)
   q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
   head_dim_padded = q_ref.shape[-1]
   rows = tiles.indices(q_block * block_q, block_q)
   q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
   precision = tiles.dot_precision(q_ref.dtype)
   qk_scale = scale * tiles.LOG2E  # e^x = 2^(x log2 e)
+  q_seg = tiles.load_query_segments(segs, rows, mask)
 
   def step(k_block, carry, *, masked: bool):
     acc, m_i, l_i = carry
@@ -40,7 +43,9 @@ def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: MaskRule,
     k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
     s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
     if masked:
-      s = jnp.where(mask.visible(rows[:, None], cols[None, :]), s, -jnp.inf)
+      kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
+      s = jnp.where(tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg),
+                    s, -jnp.inf)
     # -- update m_i and l_i (Algorithm 1, lines 9-10)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     # A row that has seen no visible key yet keeps m = -inf; subtract 0 then.
@@ -59,12 +64,9 @@ def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: MaskRule,
       jnp.full((block_q,), -jnp.inf, jnp.float32),
       jnp.zeros((block_q,), jnp.float32),
   )
-  start, first_masked, end = mask.key_blocks(q_block, block_q, block_k)
-  carry = lax.fori_loop(start, first_masked,
-                        functools.partial(step, masked=False), carry)
-  carry = lax.fori_loop(first_masked, end,
-                        functools.partial(step, masked=True), carry)
-  acc, m_i, l_i = carry
+  bounds = tiles.clamp_to_segments(
+      mask.key_blocks(q_block, block_q, block_k), segs)
+  acc, m_i, l_i = tiles.visit_blocks(bounds, step, carry, **mask.key_loops())
 
   # -- one final rescale (Algorithm 1, line 12); rows that saw nothing give 0.
   out = acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -74,12 +76,16 @@ def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, mask: MaskRule,
   plgpu.store(lse_ref, lse, mask=rows < mask.seq_len_q)
 
 
-def forward(q, k, v, *, scale: float, is_causal: bool, block_q: int,
-            block_k: int, num_warps: int, num_stages: int, interpret: bool):
+def forward(q, k, v, segments=None, *, mask: MaskRule, scale: float,
+            block_q: int, block_k: int, num_warps: int, num_stages: int,
+            interpret: bool):
   """FlashAttention-2 forward.
 
   Args:
     q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K.
+    segments: None, or (q_segments [B, T], kv_segments [B, S]) int32 (see
+      `mask.lengths_to_segments`); required iff `mask.has_segments`.
+    mask: the visibility rule, with T and S matching the shapes.
   Returns:
     out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
   """
@@ -90,21 +96,26 @@ def forward(q, k, v, *, scale: float, is_causal: bool, block_q: int,
   block_q = tiles.tile_block(block_q, seq_len_q)
   block_k = tiles.tile_block(block_k, seq_len_k)
   seq_len_k_padded = pl.cdiv(seq_len_k, block_k) * block_k
-  mask = MaskRule(seq_len_q=seq_len_q, seq_len_k=seq_len_k, is_causal=is_causal)
+  num_q_blocks = pl.cdiv(seq_len_q, block_q)
+  q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
 
   kernel = functools.partial(forward_kernel, mask=mask, scale=scale,
                              block_q=block_q, block_k=block_k,
                              head_dim=head_dim)
-  num_q_blocks = pl.cdiv(seq_len_q, block_q)
-  q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
   q_spec = pl.BlockSpec((None, block_q, None, head_dim_padded),
                         lambda i, b, h: (b, q_block(i), h, 0))
   kv_spec = pl.BlockSpec((None, seq_len_k_padded, None, head_dim_padded),
                          lambda i, b, h: (b, 0, h // group, 0))
+  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+  if mask.has_segments:
+    specs, arrays = tiles.segment_inputs(
+        segments, block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,
+        seq_len_k=seq_len_k, query_major=True, q_block=q_block)
+    in_specs, args = in_specs + specs, args + arrays
   return pl.pallas_call(
       kernel,
       grid=(num_q_blocks, batch, num_heads),
-      in_specs=[q_spec, kv_spec, kv_spec],
+      in_specs=in_specs,
       out_specs=[
           q_spec,
           pl.BlockSpec((None, None, block_q),
@@ -118,4 +129,4 @@ def forward(q, k, v, *, scale: float, is_causal: bool, block_q: int,
                                            num_stages=num_stages),
       interpret=interpret,
       name="fa2_forward",
-  )(q, k, v)
+  )(*args)

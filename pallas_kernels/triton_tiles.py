@@ -6,11 +6,16 @@ sequence end (rows) or the true head_dim (columns, padded to a power of two)
 carries an explicit mask. In interpret mode Pallas pads such blocks with NaN,
 so a missing mask shows up as NaN in the tests.
 """
+import functools
 import math
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import mask as mask_lib
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -81,3 +86,112 @@ def load_row_stats(ref, rows, seq_len: int, other: float):
 def dot_precision(dtype):
   """Full float32 matmuls for float32 inputs (no TF32); the default otherwise."""
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def visit_blocks(bounds, step, carry, *, leading: bool, middle: bool,
+                 trailing: bool):
+  """Runs `step(block, carry, masked=...)` over the block bounds of a MaskRule.
+
+  `bounds` = (start, full_start, full_end, end): [start, full_start) and
+  [full_end, end) masked, [full_start, full_end) unmasked. A loop its flag
+  says is empty for this rule is not emitted at all.
+  """
+  start, full_start, full_end, end = bounds
+  if leading:
+    carry = lax.fori_loop(start, full_start,
+                          functools.partial(step, masked=True), carry)
+  if middle:
+    carry = lax.fori_loop(full_start, full_end,
+                          functools.partial(step, masked=False), carry)
+  if trailing:
+    carry = lax.fori_loop(full_end, end, functools.partial(step, masked=True),
+                          carry)
+  return carry
+
+
+class SegmentRefs(NamedTuple):
+  """A kernel's segment refs: ids of its queries and keys, and the 0-d
+  [first, end) block range from `mask.segment_block_ranges`."""
+  q: Any
+  kv: Any
+  first: Any
+  end: Any
+
+
+def split_segment_refs(refs, mask):
+  """(SegmentRefs or None, the remaining refs): segment refs come first."""
+  if mask.has_segments:
+    return SegmentRefs(*refs[:4]), refs[4:]
+  return None, refs
+
+
+def clamp_to_segments(bounds, segs):
+  """Narrows block bounds to the segments' [first, end); all blocks masked."""
+  if segs is None:
+    return bounds
+  start, _, _, end = bounds
+  start = jnp.maximum(start, segs.first[()])
+  end = jnp.maximum(jnp.minimum(end, segs.end[()]), start)
+  return start, end, end, end
+
+
+def load_query_segments(segs, rows, mask, at=None):
+  """[len(rows)] int32 query ids (of `segs.q.at[at]`), or None."""
+  if segs is None:
+    return None
+  ref = segs.q if at is None else segs.q.at[at]
+  return plgpu.load(ref, mask=rows < mask.seq_len_q,
+                    other=mask_lib.PAD_QUERY_SEGMENT)
+
+
+def load_key_segments(segs, cols, mask, at=None):
+  """[len(cols)] int32 key ids (of `segs.kv.at[at]`), or None."""
+  if segs is None:
+    return None
+  ref = segs.kv if at is None else segs.kv.at[at]
+  return plgpu.load(ref, mask=cols < mask.seq_len_k,
+                    other=mask_lib.PAD_KEY_SEGMENT)
+
+
+def tile_visibility(mask, rows, cols, q_seg=None, kv_seg=None, *,
+                    keys_major: bool = False):
+  """Visibility of a [len(rows), len(cols)] tile ([cols, rows] if keys_major).
+
+  `q_seg`, `kv_seg`: the tile's segment ids (None without segments).
+  """
+  if keys_major:
+    r, c = rows[None, :], cols[:, None]
+    segs = () if q_seg is None else (q_seg[None, :], kv_seg[:, None])
+  else:
+    r, c = rows[:, None], cols[None, :]
+    segs = () if q_seg is None else (q_seg[:, None], kv_seg[None, :])
+  return mask.visible(r, c, *segs)
+
+
+def segment_inputs(segments, *, block_q: int, block_k: int, seq_len_q: int,
+                   seq_len_k: int, query_major: bool, q_block=lambda i: i):
+  """BlockSpecs and arrays that feed `SegmentRefs` to a kernel.
+
+  query_major: grid (query blocks, batch, heads), the program's query ids and
+  all key ids (forward, dQ); else grid (key blocks, batch, kv heads), all query
+  ids and the program's key ids (dK/dV). `q_block` maps the grid index to the
+  query block (see `heavy_first`).
+  """
+  q_seg, kv_seg = segments
+  key_range, query_range = mask_lib.segment_block_ranges(q_seg, kv_seg,
+                                                         block_q, block_k)
+  if query_major:
+    seq_len_k_padded = pl.cdiv(seq_len_k, block_k) * block_k
+    ranges = key_range
+    specs = [pl.BlockSpec((None, block_q), lambda i, b, h: (b, q_block(i))),
+             pl.BlockSpec((None, seq_len_k_padded), lambda i, b, h: (b, 0))]
+    own_block = q_block
+  else:
+    seq_len_q_padded = pl.cdiv(seq_len_q, block_q) * block_q
+    ranges = query_range
+    specs = [pl.BlockSpec((None, seq_len_q_padded), lambda j, b, h: (b, 0)),
+             pl.BlockSpec((None, block_k), lambda j, b, h: (b, j))]
+    own_block = lambda j: j
+  range_spec = pl.BlockSpec((None, None), lambda i, b, h: (b, own_block(i)))
+  return (specs + [range_spec, range_spec],
+          [q_seg, kv_seg, ranges[..., 0], ranges[..., 1]])

@@ -31,23 +31,24 @@ def value_and_grads(fn, q, k, v, dout, dlse):
   return (out, lse), vjp((dout, dlse.astype(lse.dtype)))
 
 
-def reference_fn(scale, is_causal):
+def reference_fn(scale, **mask_kwargs):
   """The reference at full matmul precision: XLA on GPUs would otherwise run
   float32 matmuls in TF32, which is not "the input dtype"."""
   def fn(q, k, v):
     with jax.default_matmul_precision("highest"):
-      return attention_reference(q, k, v, scale=scale, is_causal=is_causal)
+      return attention_reference(q, k, v, scale=scale, **mask_kwargs)
   return fn
 
 
-def truth_and_lowp(q, k, v, dout, dlse, *, scale, is_causal):
+def truth_and_lowp(q, k, v, dout, dlse, *, scale, **mask_kwargs):
   """The reference in float64 (truth) and in the input dtype, as numpy."""
   with jax.enable_x64(True):
     up = [np.asarray(x, np.float64) for x in (q, k, v, dout, dlse)]
-    truth = value_and_grads(reference_fn(scale, is_causal),
+    truth = value_and_grads(reference_fn(scale, **mask_kwargs),
                             *map(jnp.asarray, up))
     truth = jax.tree.map(lambda x: np.asarray(x, np.float64), truth)
-  lowp = value_and_grads(reference_fn(scale, is_causal), q, k, v, dout, dlse)
+  lowp = value_and_grads(reference_fn(scale, **mask_kwargs), q, k, v, dout,
+                         dlse)
   return truth, to_numpy(lowp)
 
 

@@ -1,5 +1,4 @@
 """Kernel outputs, LSE and gradients against the reference, FA2's error rule."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -28,27 +27,31 @@ SMALL_TILES = fa2_jax.BlockSizes(
     num_stages_bwd=2)
 
 
-def kernel_fn(*, scale, is_causal, interpret, block_sizes=None):
-  return jax.jit(functools.partial(
-      fa2_jax.flash_attention, scale=scale, is_causal=is_causal,
-      return_residual=True, implementation="triton", interpret=interpret,
-      block_sizes=block_sizes))
+def kernel_fn(*, scale, interpret, block_sizes=None, **mask_kwargs):
+  return jax.jit(lambda q, k, v: fa2_jax.flash_attention(
+      q, k, v, scale=scale, return_residual=True, implementation="triton",
+      interpret=interpret, block_sizes=block_sizes, **mask_kwargs))
 
 
-def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0):
+def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0,
+                            mask_fn=None):
+  """Checks out, lse and grads; `mask_fn(batch, T, S)` returns mask kwargs."""
   batch, seq_q, seq_k, heads, kv_heads, head_dim, is_causal = shape
   q, k, v, dout, dlse = numerics.random_inputs(
       seed, batch=batch, seq_q=seq_q, seq_k=seq_k, heads=heads,
       kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
   scale = head_dim ** -0.5
-  fn = kernel_fn(scale=scale, is_causal=is_causal, interpret=interpret,
-                 block_sizes=block_sizes)
+  mask_kwargs = dict(is_causal=is_causal)
+  if mask_fn is not None:
+    mask_kwargs.update(mask_fn(batch, seq_q, seq_k))
+  fn = kernel_fn(scale=scale, interpret=interpret, block_sizes=block_sizes,
+                 **mask_kwargs)
   (out, lse), grads = numerics.value_and_grads(fn, q, k, v, dout, dlse)
   assert out.dtype == dtype and lse.dtype == jnp.float32
   assert out.shape == q.shape and lse.shape == (batch, heads, seq_q)
   assert [g.dtype for g in grads] == [dtype] * 3
   truth, lowp = numerics.truth_and_lowp(q, k, v, dout, dlse, scale=scale,
-                                        is_causal=is_causal)
+                                        **mask_kwargs)
   (out, lse), grads = numerics.to_numpy(((out, lse), grads))
   numerics.assert_fa_rule("out", out, lowp[0][0], truth[0][0], factor=2,
                           dtype=dtype)
@@ -56,6 +59,7 @@ def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0):
   for name, g, g_lowp, g_truth in zip(("dq", "dk", "dv"), grads, lowp[1],
                                       truth[1]):
     numerics.assert_fa_rule(name, g, g_lowp, g_truth, factor=3, dtype=dtype)
+  return out, lse, grads
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)

@@ -1,0 +1,86 @@
+"""User mask arguments -> the kernels' `MaskRule` and segment ids, validated.
+
+One function serves the API and the reference, so both mask the same way.
+"""
+import jax.numpy as jnp
+
+from pallas_kernels.mask import MaskRule, lengths_to_segments
+
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _check_int_array(name, x, shape):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an int array of shape {shape}, got "
+                    f"{type(x).__name__}")
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must have an integer dtype, got "
+                    f"{jnp.dtype(x.dtype).name}")
+  if tuple(x.shape) != shape:
+    raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+
+
+def _window(local_window_size):
+  """(left, right) from an int or a pair of ints (or None)."""
+  if local_window_size is None:
+    return None, None
+  if isinstance(local_window_size, int) and not isinstance(
+      local_window_size, bool):
+    pair = (local_window_size, local_window_size)
+  elif (isinstance(local_window_size, (tuple, list))
+        and len(local_window_size) == 2):
+    pair = tuple(local_window_size)
+  else:
+    raise TypeError(f"local_window_size must be an int or a (left, right) "
+                    f"pair of ints, got {local_window_size!r}")
+  for side, w in zip(("left", "right"), pair):
+    if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+      raise ValueError(f"local_window_size {side} must be an int >= 0, got "
+                       f"{w!r}")
+  return pair
+
+
+def build_mask(dims, *, is_causal, causal_alignment, local_window_size,
+               query_seq_lengths, key_value_seq_lengths, q_segment_ids,
+               kv_segment_ids):
+  """Validates the mask arguments; returns (MaskRule, segments or None).
+
+  Args:
+    dims: shape numbers from `validation.check_qkv` (B, T, S, ...).
+    Others as in `fa2_jax.flash_attention`.
+  Returns:
+    The rule and, when lengths or segment ids are given, (q_segments [B, T],
+    kv_segments [B, S]) int32.
+  """
+  batch, t, s = dims["B"], dims["T"], dims["S"]
+  if causal_alignment not in CAUSAL_ALIGNMENTS:
+    raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, "
+                     f"got {causal_alignment!r}")
+  left, right = _window(local_window_size)
+  if query_seq_lengths is not None:
+    _check_int_array("query_seq_lengths", query_seq_lengths, (batch,))
+  if key_value_seq_lengths is not None:
+    _check_int_array("key_value_seq_lengths", key_value_seq_lengths, (batch,))
+  if q_segment_ids is None and kv_segment_ids is not None:
+    raise ValueError("kv_segment_ids was given without q_segment_ids")
+  if q_segment_ids is not None:
+    _check_int_array("q_segment_ids", q_segment_ids, (batch, t))
+    if kv_segment_ids is None:
+      if t != s:
+        raise ValueError(
+            f"kv_segment_ids [B, S] is required when T != S (T={t}, S={s}); "
+            f"q_segment_ids alone serves self-attention")
+      kv_segment_ids = q_segment_ids
+    _check_int_array("kv_segment_ids", kv_segment_ids, (batch, s))
+  segments = lengths_to_segments(
+      q_segment_ids, kv_segment_ids,
+      None if query_seq_lengths is None else query_seq_lengths.astype(
+          jnp.int32),
+      None if key_value_seq_lengths is None else key_value_seq_lengths.astype(
+          jnp.int32),
+      batch=batch, seq_len_q=t, seq_len_k=s)
+  offset = s - t if causal_alignment == "bottom_right" else 0
+  rule = MaskRule(seq_len_q=t, seq_len_k=s, is_causal=is_causal, offset=offset,
+                  window_left=left, window_right=right,
+                  has_segments=segments is not None)
+  return rule, segments

@@ -1,0 +1,98 @@
+"""The block ranges of the mask rule against brute force over every element."""
+import itertools
+import random
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.mask import MaskRule, segment_block_ranges
+
+
+def visible_matrix(rule):
+  """An independent numpy oracle of the rule's visibility, [T, S]."""
+  pos = np.arange(rule.seq_len_q)[:, None] + rule.offset
+  key = np.arange(rule.seq_len_k)[None, :]
+  vis = np.ones((rule.seq_len_q, rule.seq_len_k), bool)
+  if rule.is_causal:
+    vis &= key <= pos
+  if rule.window_left is not None:
+    vis &= key >= pos - rule.window_left
+  if rule.window_right is not None:
+    vis &= key <= pos + rule.window_right
+  return vis
+
+
+def test_visible_matches_oracle():
+  for rule in random_rules(20, seed=99):
+    rows = jnp.arange(rule.seq_len_q)[:, None]
+    cols = jnp.arange(rule.seq_len_k)[None, :]
+    vis = np.broadcast_to(rule.visible(rows, cols),
+                          (rule.seq_len_q, rule.seq_len_k))
+    np.testing.assert_array_equal(vis, visible_matrix(rule))
+
+
+def random_rules(n, seed=0):
+  rng = random.Random(seed)
+  for _ in range(n):
+    t, s = rng.randint(1, 90), rng.randint(1, 90)
+    window = [None, rng.randint(0, 40)]
+    yield MaskRule(
+        seq_len_q=t, seq_len_k=s, is_causal=rng.random() < 0.6,
+        offset=rng.choice([0, s - t, rng.randint(-30, 30)]),
+        window_left=rng.choice(window), window_right=rng.choice(window))
+
+
+@pytest.mark.parametrize("block_q,block_k", [(16, 16), (16, 32), (32, 16)])
+def test_block_ranges_cover_exactly(block_q, block_k):
+  for rule in random_rules(150, seed=block_q * 7 + block_k):
+    vis = visible_matrix(rule)
+    t, s = vis.shape
+    for i in range(-(-t // block_q)):
+      start, full_start, full_end, end = rule.key_blocks(i, block_q, block_k)
+      assert 0 <= start <= full_start <= full_end <= end
+      tile_rows = vis[i * block_q:(i + 1) * block_q]
+      for j in range(-(-s // block_k)):
+        tile = tile_rows[:, j * block_k:(j + 1) * block_k]
+        full = tile.shape[1] == block_k and tile.all()
+        if tile.any():
+          assert start <= j < end, (rule, i, j)
+        if full_start <= j < full_end:
+          assert full, (rule, i, j, "marked wholly visible")
+    for j in range(-(-s // block_k)):
+      start, full_start, full_end, end = rule.query_blocks(j, block_q, block_k)
+      assert 0 <= start <= full_start <= full_end <= end
+      tile_cols = vis[:, j * block_k:(j + 1) * block_k]
+      for i in range(-(-t // block_q)):
+        tile = tile_cols[i * block_q:(i + 1) * block_q]
+        if tile.any():
+          assert start <= i < end, (rule, i, j)
+        if full_start <= i < full_end:
+          assert tile.all(), (rule, i, j, "marked wholly visible")
+
+
+def test_causal_ranges_skip_the_future():
+  rule = MaskRule(seq_len_q=256, seq_len_k=256, is_causal=True)
+  assert rule.key_blocks(0, 64, 64) == (0, 0, 0, 1)
+  assert rule.key_blocks(3, 64, 64) == (0, 0, 3, 4)
+  assert rule.query_blocks(3, 64, 64) == (3, 4, 4, 4)
+
+
+def test_window_visits_a_band():
+  rule = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=True,
+                  window_left=128)
+  for i in range(16):
+    start, _, _, end = rule.key_blocks(i, 64, 64)
+    assert end - start <= 4  # (64 + 128) / 64 + 1 blocks, not i + 1
+
+
+def test_segment_block_ranges_packed_documents():
+  # Two documents of 40 and 24 tokens, sorted ids: blocks of 16.
+  seg = jnp.asarray([[0] * 40 + [1] * 24], jnp.int32)
+  key_range, query_range = segment_block_ranges(seg, seg, 16, 16)
+  np.testing.assert_array_equal(key_range[0], [[0, 3], [0, 3], [0, 4], [2, 4]])
+  np.testing.assert_array_equal(query_range[0], key_range[0])
+  brute = np.asarray(seg[0][:, None] == seg[0][None, :])
+  for i, j in itertools.product(range(4), range(4)):
+    if brute[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].any():
+      assert key_range[0, i, 0] <= j < key_range[0, i, 1]

@@ -1,0 +1,146 @@
+"""Attention variants (alignment, windows, padding, packing) against the
+reference, with FA2's error rule, alone and combined."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fa2_jax
+from tests.test_numerics import SMALL_TILES, check_against_reference
+
+
+def packed_ids(batch, length, num_docs, seed):
+  """[B, L] sorted segment ids: `num_docs` documents of random lengths."""
+  rng = np.random.default_rng(seed)
+  ids = np.sort(rng.integers(0, num_docs, size=(batch, length)), axis=1)
+  return jnp.asarray(ids, jnp.int32)
+
+
+def lengths(batch, length, seed):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.integers(1, length + 1, size=(batch,)), jnp.int32)
+
+
+CASES = {
+    # name: (shape (B, T, S, N, K, H, causal), mask_fn(B, T, S) -> kwargs)
+    "bottom_right-T<S": ((1, 50, 130, 2, 1, 64, True),
+                         lambda b, t, s: dict(causal_alignment="bottom_right")),
+    "bottom_right-T>S": ((1, 130, 50, 2, 2, 40, True),
+                         lambda b, t, s: dict(causal_alignment="bottom_right")),
+    "window-causal": ((1, 150, 150, 2, 1, 64, True),
+                      lambda b, t, s: dict(local_window_size=(40, 0))),
+    "window-2sided": ((2, 97, 120, 2, 2, 48, False),
+                      lambda b, t, s: dict(local_window_size=(20, 9))),
+    "window-int-bottom_right": ((1, 60, 140, 2, 1, 32, True),
+                                lambda b, t, s: dict(
+                                    local_window_size=17,
+                                    causal_alignment="bottom_right")),
+    "lengths": ((3, 90, 110, 2, 1, 64, False),
+                lambda b, t, s: dict(query_seq_lengths=lengths(b, t, 1),
+                                     key_value_seq_lengths=lengths(b, s, 2))),
+    "lengths-causal": ((2, 100, 100, 4, 2, 64, True),
+                       lambda b, t, s: dict(
+                           key_value_seq_lengths=lengths(b, s, 3))),
+    "packed-causal": ((2, 160, 160, 2, 1, 64, True),
+                      lambda b, t, s: dict(q_segment_ids=packed_ids(b, t, 5, 4))),
+    "segments-unsorted-cross": ((2, 70, 90, 2, 2, 32, False),
+                                lambda b, t, s: dict(
+                                    q_segment_ids=jax.random.randint(
+                                        jax.random.key(5), (b, t), 0, 3),
+                                    kv_segment_ids=jax.random.randint(
+                                        jax.random.key(6), (b, s), 0, 3))),
+    "everything": ((2, 140, 140, 4, 2, 40, True),
+                   lambda b, t, s: dict(
+                       q_segment_ids=packed_ids(b, t, 3, 7),
+                       query_seq_lengths=lengths(b, t, 8),
+                       key_value_seq_lengths=lengths(b, s, 9),
+                       local_window_size=(50, 0),
+                       causal_alignment="bottom_right")),
+}
+
+
+@pytest.mark.parametrize("tiles", [None, SMALL_TILES], ids=["default",
+                                                           "small-tiles"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_variant_matches_reference(name, tiles, interpret):
+  shape, mask_fn = CASES[name]
+  check_against_reference(shape, jnp.bfloat16, interpret, block_sizes=tiles,
+                          mask_fn=mask_fn, seed=11)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32],
+                         ids=["float16", "float32"])
+def test_combined_variants_other_dtypes(dtype, interpret):
+  shape, mask_fn = CASES["everything"]
+  check_against_reference(shape, dtype, interpret, mask_fn=mask_fn, seed=12)
+
+
+def test_fully_masked_rows_are_zero_with_finite_grads(interpret):
+  """bottom_right with T > S: the first T - S rows see no key."""
+  shape, mask_fn = CASES["bottom_right-T>S"]
+  out, lse, grads = check_against_reference(shape, jnp.bfloat16, interpret,
+                                            mask_fn=mask_fn, seed=13)
+  t, s = shape[1], shape[2]
+  assert np.all(out[:, : t - s - 1] == 0.0)  # position < 0: nothing visible
+  assert np.all(np.isneginf(lse[:, :, : t - s - 1]))
+  assert np.all(np.isfinite(lse[:, :, t - s:]))
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  assert np.all(grads[0][:, : t - s - 1] == 0.0)
+
+
+def test_padded_query_rows_output_zero(interpret):
+  b, t, n, h = 2, 40, 2, 32
+  q = jax.random.normal(jax.random.key(0), (b, t, n, h), jnp.float32)
+  q_len = jnp.asarray([13, 40], jnp.int32)
+  out, lse = fa2_jax.flash_attention(
+      q, q, q, query_seq_lengths=q_len, return_residual=True,
+      implementation="triton", interpret=interpret)
+  assert np.all(np.asarray(out)[0, 13:] == 0.0)
+  assert np.all(np.isneginf(np.asarray(lse)[0, :, 13:]))
+  assert np.all(np.asarray(out)[0, :13] != 0.0)
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(causal_alignment="bottom"), ValueError,
+     r"causal_alignment must be one of \('top_left', 'bottom_right'\), "
+     r"got 'bottom'"),
+    (dict(local_window_size=(3,)), TypeError,
+     r"local_window_size must be an int or a \(left, right\) pair"),
+    (dict(local_window_size=(3, -1)), ValueError,
+     "local_window_size right must be an int >= 0, got -1"),
+    (dict(query_seq_lengths=jnp.ones((3,), jnp.int32)), ValueError,
+     r"query_seq_lengths must have shape \(1,\), got \(3,\)"),
+    (dict(key_value_seq_lengths=jnp.ones((1,), jnp.float32)), TypeError,
+     "key_value_seq_lengths must have an integer dtype, got float32"),
+    (dict(q_segment_ids=jnp.ones((1, 15), jnp.int32)), ValueError,
+     r"q_segment_ids must have shape \(1, 16\), got \(1, 15\)"),
+    (dict(q_segment_ids=jnp.ones((1, 16), jnp.int32)), ValueError,
+     r"kv_segment_ids \[B, S\] is required when T != S \(T=16, S=24\)"),
+    (dict(kv_segment_ids=jnp.ones((1, 24), jnp.int32)), ValueError,
+     "kv_segment_ids was given without q_segment_ids"),
+])
+def test_bad_mask_arguments(kwargs, error, message):
+  q = jnp.ones((1, 16, 2, 32), jnp.float32)
+  k = jnp.ones((1, 24, 2, 32), jnp.float32)
+  with pytest.raises(error, match=message):
+    fa2_jax.flash_attention(q, k, k, implementation="xla", **kwargs)
+
+
+def test_variants_match_jax_nn():
+  """Lengths and windows mean what they mean in jax.nn.dot_product_attention.
+
+  Rows that see no key differ on purpose: fa2-jax outputs 0, jax.nn's XLA
+  path (which masks with finfo.min) the mean of V. With kv length 30 and a
+  left window of 7, rows 37+ of batch 0 see nothing.
+  """
+  b, t, n, h = 2, 48, 2, 32
+  ks = jax.random.split(jax.random.key(1), 3)
+  q, k, v = (jax.random.normal(kk, (b, t, n, h), jnp.float32) for kk in ks)
+  kw = dict(key_value_seq_lengths=jnp.asarray([30, 48], jnp.int32),
+            local_window_size=(7, 3), is_causal=True)
+  with jax.default_matmul_precision("highest"):
+    got = fa2_jax.flash_attention(q, k, v, implementation="xla", **kw)
+    want = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
+  np.testing.assert_allclose(got[0, :37], want[0, :37], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=1e-5)
+  assert np.all(np.asarray(got[0, 37:]) == 0.0)
