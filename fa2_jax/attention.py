@@ -6,6 +6,7 @@ from fa2_jax import masking, validation
 from fa2_jax.autodiff import KernelConfig, triton_attention
 from fa2_jax.config import BlockSizes, default_block_sizes
 from fa2_jax.reference import reference_attention
+from pallas_kernels.scores import ScoreRule
 
 IMPLEMENTATIONS = ("triton", "mosaic", "xla")
 MAX_KERNEL_HEAD_DIM = 256
@@ -44,7 +45,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
                     is_causal=False, query_seq_lengths=None,
                     key_value_seq_lengths=None, local_window_size=None,
                     q_segment_ids=None, kv_segment_ids=None,
-                    causal_alignment="top_left", return_residual=False,
+                    causal_alignment="top_left", logits_soft_cap=None,
+                    return_residual=False,
                     implementation=None, interpret=None, block_sizes=None):
   """Exact attention with FlashAttention-2 kernels: softmax(scale Q K^T) V.
 
@@ -77,6 +79,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
                               x x x . .   x x x x x
 
       Rows that see no key (e.g. bottom_right with T > S) output 0.
+    logits_soft_cap: None, or cap > 0: logits = cap * tanh(logits / cap),
+      applied to the scaled logits before masking (Gemma 2).
     return_residual: also return lse [B, N, T] float32, the natural-log
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
@@ -95,7 +99,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       raise NotImplementedError(f"{name} is not supported yet (got a "
                                 f"{type(arg).__name__}); pass None")
   dims = validation.check_qkv(query, key, value)
-  scale = validation.check_scale(scale, dims["H"])
+  score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
+                    soft_cap=validation.check_soft_cap(logits_soft_cap))
   is_causal = validation.check_bool("is_causal", is_causal)
   return_residual = validation.check_bool("return_residual", return_residual)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
@@ -111,7 +116,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
 
   if implementation == "xla":
     out, lse = reference_attention(query, key, value, segments, mask=rule,
-                                   scale=scale)
+                                   score=score)
   else:
     if dims["H"] > MAX_KERNEL_HEAD_DIM:
       raise NotImplementedError(
@@ -123,7 +128,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
           f" use float32 or implementation='xla'")
     if block_sizes is None:
       block_sizes = default_block_sizes(dims["H"], query.dtype)
-    config = KernelConfig(mask=rule, scale=scale, block_sizes=block_sizes,
+    config = KernelConfig(mask=rule, score=score, block_sizes=block_sizes,
                           interpret=interpret)
     out, lse = triton_attention(query, key, value, segments, config=config)
   return (out, lse) if return_residual else out

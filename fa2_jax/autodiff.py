@@ -14,13 +14,14 @@ import jax.numpy as jnp
 from fa2_jax.config import BlockSizes
 from pallas_kernels import triton_backward, triton_forward
 from pallas_kernels.mask import MaskRule
+from pallas_kernels.scores import ScoreRule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelConfig:
   """Everything static about one attention call; hashable."""
   mask: MaskRule
-  scale: float
+  score: ScoreRule
   block_sizes: BlockSizes
   interpret: bool
 
@@ -28,7 +29,7 @@ class KernelConfig:
 def _forward(q, k, v, segments, config: KernelConfig):
   bs = config.block_sizes
   return triton_forward.forward(
-      q, k, v, segments, mask=config.mask, scale=config.scale,
+      q, k, v, segments, mask=config.mask, score=config.score,
       block_q=bs.block_q, block_k=bs.block_k, num_warps=bs.num_warps,
       num_stages=bs.num_stages, interpret=config.interpret)
 
@@ -55,7 +56,7 @@ def _attention_bwd(config: KernelConfig, residuals, cotangents):
   bs = config.block_sizes
   dq, dk, dv = triton_backward.backward(
       q, k, v, d_out.astype(q.dtype), lse, delta, segments, mask=config.mask,
-      scale=config.scale, block_q_dkv=bs.block_q_dkv,
+      score=config.score, block_q_dkv=bs.block_q_dkv,
       block_k_dkv=bs.block_k_dkv, block_q_dq=bs.block_q_dq,
       block_k_dq=bs.block_k_dq, num_warps=bs.num_warps_bwd,
       num_stages=bs.num_stages_bwd, interpret=config.interpret)

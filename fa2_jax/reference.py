@@ -11,17 +11,18 @@ import jax.numpy as jnp
 
 from fa2_jax import masking, validation
 from pallas_kernels.mask import MaskRule
+from pallas_kernels.scores import ScoreRule
 
 
 def reference_attention(query, key, value, segments=None, *, mask: MaskRule,
-                        scale: float):
+                        score: ScoreRule):
   """Reference attention under a `MaskRule` (the kernels' interface).
 
   Args:
     query: [B, T, N, H]; key, value: [B, S, K, H], N a multiple of K
       (query head n reads kv head n // (N // K)).
     segments: None or (q_segments [B, T], kv_segments [B, S]) int32.
-    mask: the visibility rule; scale: multiplies the logits.
+    mask: the visibility rule; score: scale and soft cap of the logits.
   Returns:
     out [B, T, N, H] in the input dtype; lse [B, N, T] float32 (float64 for
     float64 inputs), natural log of the softmax denominator.
@@ -32,8 +33,8 @@ def reference_attention(query, key, value, segments=None, *, mask: MaskRule,
   acc = jnp.promote_types(query.dtype, jnp.float32)
   # [B, T, K, G, H]: query head n = kv_head * G + g.
   q = query.reshape(batch, seq_len_q, num_kv_heads, group, head_dim)
-  logits = jnp.einsum("btkgh,bskh->bkgts", q, key,
-                      preferred_element_type=acc) * scale
+  logits = score.logits(jnp.einsum("btkgh,bskh->bkgts", q, key,
+                                   preferred_element_type=acc))
   segs = ()
   if mask.has_segments:
     q_seg, kv_seg = segments
@@ -56,7 +57,8 @@ def reference_attention(query, key, value, segments=None, *, mask: MaskRule,
 def attention_reference(query, key, value, *, scale: float, is_causal=False,
                         causal_alignment="top_left", local_window_size=None,
                         query_seq_lengths=None, key_value_seq_lengths=None,
-                        q_segment_ids=None, kv_segment_ids=None):
+                        q_segment_ids=None, kv_segment_ids=None,
+                        logits_soft_cap=None):
   """Reference attention with `fa2_jax.flash_attention`'s mask arguments.
 
   Returns (out [B, T, N, H], lse [B, N, T]); see `flash_attention` for the
@@ -69,5 +71,7 @@ def attention_reference(query, key, value, *, scale: float, is_causal=False,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
+                    soft_cap=validation.check_soft_cap(logits_soft_cap))
   return reference_attention(query, key, value, segments, mask=mask,
-                             scale=scale)
+                             score=score)

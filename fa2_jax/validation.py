@@ -77,3 +77,16 @@ def check_bool(name: str, value) -> bool:
   if not isinstance(value, bool):
     raise TypeError(f"{name} must be a bool, got {value!r}")
   return value
+
+
+def check_soft_cap(soft_cap) -> float | None:
+  """Returns the logits soft cap: None, or a finite float > 0."""
+  if soft_cap is None:
+    return None
+  if isinstance(soft_cap, bool) or not isinstance(soft_cap, (int, float)):
+    raise TypeError(f"logits_soft_cap must be a Python float or None, got "
+                    f"{type(soft_cap).__name__}")
+  if not (math.isfinite(soft_cap) and soft_cap > 0):
+    raise ValueError(f"logits_soft_cap must be finite and > 0, got "
+                     f"{soft_cap}")
+  return float(soft_cap)

@@ -17,17 +17,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mask import MaskRule
+from pallas_kernels.scores import LOG2E, ScoreRule
 from pallas_kernels import triton_tiles as tiles
 
 
 def _load_lse2(ref, rows, seq_len: int):
   """LSE in base 2 with +inf where P must be 0: rows past T, fully masked rows."""
   lse = tiles.load_row_stats(ref, rows, seq_len, other=jnp.inf)
-  return jnp.where(lse == -jnp.inf, jnp.inf, lse * tiles.LOG2E)
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
 
 
 def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                mask: MaskRule, scale: float, block_q: int, block_k: int,
+                mask: MaskRule, score: ScoreRule, block_q: int, block_k: int,
                 head_dim: int, group: int):
   """One [block_k, H] tile of dK and dV, summed over the GQA group.
 
@@ -44,7 +45,6 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   k = tiles.load_tile(k_ref, cols, mask.seq_len_k, head_dim)
   v = tiles.load_tile(v_ref, cols, mask.seq_len_k, head_dim)
   precision = tiles.dot_precision(k_ref.dtype)
-  qk_scale = scale * tiles.LOG2E
   kv_seg = tiles.load_key_segments(segs, cols, mask)
 
   def step(q_block, carry, *, head, masked: bool):
@@ -58,7 +58,8 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     delta = tiles.load_row_stats(delta_ref.at[head, q_rows], rows,
                                  mask.seq_len_q, other=0.0)
     # -- recompute P^T (Algorithm 2, lines 11-13)
-    s_t = plgpu.dot(k, q, trans_b=True, precision=precision) * qk_scale
+    s_t, tanh_t = score.logits_log2(
+        plgpu.dot(k, q, trans_b=True, precision=precision))
     p_t = jnp.exp2(s_t - lse2[None, :])
     if masked:
       q_seg = tiles.load_query_segments(segs, rows, mask, at=q_rows)
@@ -69,7 +70,7 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=precision)
     dp_t = plgpu.dot(v, do, trans_b=True, precision=precision)
     # -- dS^T = P^T * (dP^T - delta) (line 16); dK += dS^T Q (line 18)
-    ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = score.through_cap(p_t * (dp_t - delta[None, :]), tanh_t)
     dk = dk + plgpu.dot(ds_t.astype(q.dtype), q, precision=precision)
     return dk, dv
 
@@ -82,12 +83,12 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
 
   zeros = jnp.zeros((block_k, head_dim_padded), jnp.float32)
   dk, dv = lax.fori_loop(0, group, head_step, (zeros, zeros))
-  tiles.store_tile(dk_ref, dk * scale, cols, mask.seq_len_k, head_dim)
+  tiles.store_tile(dk_ref, dk * score.scale, cols, mask.seq_len_k, head_dim)
   tiles.store_tile(dv_ref, dv, cols, mask.seq_len_k, head_dim)
 
 
 def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-              mask: MaskRule, scale: float, block_q: int, block_k: int,
+              mask: MaskRule, score: ScoreRule, block_q: int, block_k: int,
               head_dim: int):
   """One [block_q, H] tile of dQ.
 
@@ -104,7 +105,6 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   lse2 = _load_lse2(lse_ref, rows, mask.seq_len_q)
   delta = tiles.load_row_stats(delta_ref, rows, mask.seq_len_q, other=0.0)
   precision = tiles.dot_precision(q_ref.dtype)
-  qk_scale = scale * tiles.LOG2E
   q_seg = tiles.load_query_segments(segs, rows, mask)
 
   def step(k_block, dq, *, masked: bool):
@@ -113,14 +113,15 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     bound = mask.seq_len_k if masked else None
     k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
     v = tiles.load_tile(v_ref.at[kv_rows], cols, bound, head_dim)
-    s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
+    s, tanh_t = score.logits_log2(
+        plgpu.dot(q, k, trans_b=True, precision=precision))
     p = jnp.exp2(s - lse2[:, None])
     if masked:
       kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
       p = jnp.where(tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg),
                     p, 0.0)
     dp = plgpu.dot(do, v, trans_b=True, precision=precision)
-    ds = p * (dp - delta[:, None])
+    ds = score.through_cap(p * (dp - delta[:, None]), tanh_t)
     # -- dQ += dS K (Algorithm 2, line 17)
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
@@ -128,11 +129,11 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
       mask.key_blocks(q_block, block_q, block_k), segs)
   dq = jnp.zeros((block_q, head_dim_padded), jnp.float32)
   dq = tiles.visit_blocks(bounds, step, dq, **mask.key_loops())
-  tiles.store_tile(dq_ref, dq * scale, rows, mask.seq_len_q, head_dim)
+  tiles.store_tile(dq_ref, dq * score.scale, rows, mask.seq_len_q, head_dim)
 
 
 def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
-             scale: float, block_q_dkv: int, block_k_dkv: int,
+             score: ScoreRule, block_q_dkv: int, block_k_dkv: int,
              block_q_dq: int, block_k_dq: int, num_warps: int,
              num_stages: int, interpret: bool):
   """FlashAttention-2 backward.
@@ -141,7 +142,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
     q, do: [B, T, N, H]; k, v: [B, S, K, H]; lse, delta: [B, N, T] float32,
     with delta = rowsum(dO * O) (minus the LSE's cotangent, if any).
     segments: None or (q_segments [B, T], kv_segments [B, S]) int32, as in
-    the forward; mask: the forward's visibility rule.
+    the forward; mask, score: the forward's visibility and logit rules.
   Returns:
     dq [B, T, N, H], dk and dv [B, S, K, H], in the inputs' dtypes.
   """
@@ -150,7 +151,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   group = num_heads // num_kv_heads
   hp = tiles.padded_head_dim(head_dim)
   params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-  statics = dict(mask=mask, scale=scale, head_dim=head_dim)
+  statics = dict(mask=mask, score=score, head_dim=head_dim)
 
   # dK, dV: one program per (key block, batch, kv head).
   bq = tiles.tile_block(block_q_dkv, seq_len_q)

@@ -13,11 +13,13 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.mask import MaskRule
+from pallas_kernels.scores import ScoreRule
 from pallas_kernels import triton_tiles as tiles
 
 
-def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule, scale: float,
-                   block_q: int, block_k: int, head_dim: int):
+def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
+                   score: ScoreRule, block_q: int, block_k: int,
+                   head_dim: int):
   """One [block_q, H] tile of O and its [block_q] LSE.
 
   Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head); with
@@ -31,7 +33,6 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule, scale: float,
   rows = tiles.indices(q_block * block_q, block_q)
   q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
   precision = tiles.dot_precision(q_ref.dtype)
-  qk_scale = scale * tiles.LOG2E  # e^x = 2^(x log2 e)
   q_seg = tiles.load_query_segments(segs, rows, mask)
 
   def step(k_block, carry, *, masked: bool):
@@ -41,7 +42,8 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule, scale: float,
     # Unmasked blocks lie wholly inside S: only head_dim padding to mask.
     bound = mask.seq_len_k if masked else None
     k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
-    s = plgpu.dot(q, k, trans_b=True, precision=precision) * qk_scale
+    # Logits in base 2 (e^x = 2^(x log2 e)), soft-capped if asked.
+    s, _ = score.logits_log2(plgpu.dot(q, k, trans_b=True, precision=precision))
     if masked:
       kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
       s = jnp.where(tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg),
@@ -76,7 +78,7 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule, scale: float,
   plgpu.store(lse_ref, lse, mask=rows < mask.seq_len_q)
 
 
-def forward(q, k, v, segments=None, *, mask: MaskRule, scale: float,
+def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
             block_q: int, block_k: int, num_warps: int, num_stages: int,
             interpret: bool):
   """FlashAttention-2 forward.
@@ -86,6 +88,7 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, scale: float,
     segments: None, or (q_segments [B, T], kv_segments [B, S]) int32 (see
       `mask.lengths_to_segments`); required iff `mask.has_segments`.
     mask: the visibility rule, with T and S matching the shapes.
+    score: scale and soft cap of the logits.
   Returns:
     out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
   """
@@ -99,7 +102,7 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, scale: float,
   num_q_blocks = pl.cdiv(seq_len_q, block_q)
   q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
 
-  kernel = functools.partial(forward_kernel, mask=mask, scale=scale,
+  kernel = functools.partial(forward_kernel, mask=mask, score=score,
                              block_q=block_q, block_k=block_k,
                              head_dim=head_dim)
   q_spec = pl.BlockSpec((None, block_q, None, head_dim_padded),

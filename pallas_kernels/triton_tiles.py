@@ -17,7 +17,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import mask as mask_lib
 
-LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 

@@ -49,12 +49,18 @@ CASES = {
                                         jax.random.key(5), (b, t), 0, 3),
                                     kv_segment_ids=jax.random.randint(
                                         jax.random.key(6), (b, s), 0, 3))),
+    "soft_cap": ((1, 90, 120, 4, 2, 64, False),
+                 lambda b, t, s: dict(logits_soft_cap=2.0)),
+    "soft_cap-causal-window": ((1, 100, 100, 2, 1, 48, True),
+                               lambda b, t, s: dict(logits_soft_cap=1.5,
+                                                    local_window_size=(30, 0))),
     "everything": ((2, 140, 140, 4, 2, 40, True),
                    lambda b, t, s: dict(
                        q_segment_ids=packed_ids(b, t, 3, 7),
                        query_seq_lengths=lengths(b, t, 8),
                        key_value_seq_lengths=lengths(b, s, 9),
                        local_window_size=(50, 0),
+                       logits_soft_cap=3.0,
                        causal_alignment="bottom_right")),
 }
 
@@ -118,6 +124,10 @@ def test_padded_query_rows_output_zero(interpret):
      r"kv_segment_ids \[B, S\] is required when T != S \(T=16, S=24\)"),
     (dict(kv_segment_ids=jnp.ones((1, 24), jnp.int32)), ValueError,
      "kv_segment_ids was given without q_segment_ids"),
+    (dict(logits_soft_cap=0.0), ValueError,
+     "logits_soft_cap must be finite and > 0, got 0.0"),
+    (dict(logits_soft_cap="30"), TypeError,
+     "logits_soft_cap must be a Python float or None, got str"),
 ])
 def test_bad_mask_arguments(kwargs, error, message):
   q = jnp.ones((1, 16, 2, 32), jnp.float32)
