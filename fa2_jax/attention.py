@@ -46,7 +46,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
                     key_value_seq_lengths=None, local_window_size=None,
                     q_segment_ids=None, kv_segment_ids=None,
                     causal_alignment="top_left", logits_soft_cap=None,
-                    return_residual=False,
+                    alibi_slopes=None, return_residual=False,
                     implementation=None, interpret=None, block_sizes=None):
   """Exact attention with FlashAttention-2 kernels: softmax(scale Q K^T) V.
 
@@ -81,6 +81,9 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       Rows that see no key (e.g. bottom_right with T > S) output 0.
     logits_soft_cap: None, or cap > 0: logits = cap * tanh(logits / cap),
       applied to the scaled logits before masking (Gemma 2).
+    alibi_slopes: None, [N] or [B, N] float: adds -slope * |p(i) - j| to the
+      logits after the soft cap (p(i) as above). The slopes are constants:
+      no gradient flows to them.
     return_residual: also return lse [B, N, T] float32, the natural-log
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
@@ -112,11 +115,17 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  slopes = validation.check_alibi_slopes(alibi_slopes, dims["B"], dims["N"])
+  if slopes is not None:
+    slopes = jax.lax.stop_gradient(slopes)
+  score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
+                    soft_cap=validation.check_soft_cap(logits_soft_cap),
+                    alibi=slopes is not None, offset=rule.offset)
   implementation, interpret = _resolve_implementation(implementation, interpret)
 
   if implementation == "xla":
-    out, lse = reference_attention(query, key, value, segments, mask=rule,
-                                   score=score)
+    out, lse = reference_attention(query, key, value, segments, slopes,
+                                   mask=rule, score=score)
   else:
     if dims["H"] > MAX_KERNEL_HEAD_DIM:
       raise NotImplementedError(
@@ -130,5 +139,6 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       block_sizes = default_block_sizes(dims["H"], query.dtype)
     config = KernelConfig(mask=rule, score=score, block_sizes=block_sizes,
                           interpret=interpret)
-    out, lse = triton_attention(query, key, value, segments, config=config)
+    out, lse = triton_attention(query, key, value, segments, slopes,
+                                config=config)
   return (out, lse) if return_residual else out

@@ -14,15 +14,16 @@ from pallas_kernels.mask import MaskRule
 from pallas_kernels.scores import ScoreRule
 
 
-def reference_attention(query, key, value, segments=None, *, mask: MaskRule,
-                        score: ScoreRule):
+def reference_attention(query, key, value, segments=None, alibi_slopes=None,
+                        *, mask: MaskRule, score: ScoreRule):
   """Reference attention under a `MaskRule` (the kernels' interface).
 
   Args:
     query: [B, T, N, H]; key, value: [B, S, K, H], N a multiple of K
       (query head n reads kv head n // (N // K)).
     segments: None or (q_segments [B, T], kv_segments [B, S]) int32.
-    mask: the visibility rule; score: scale and soft cap of the logits.
+    alibi_slopes: None or [B, N] float32 (iff `score.alibi`).
+    mask: the visibility rule; score: scale, soft cap and ALiBi of the logits.
   Returns:
     out [B, T, N, H] in the input dtype; lse [B, N, T] float32 (float64 for
     float64 inputs), natural log of the softmax denominator.
@@ -33,8 +34,13 @@ def reference_attention(query, key, value, segments=None, *, mask: MaskRule,
   acc = jnp.promote_types(query.dtype, jnp.float32)
   # [B, T, K, G, H]: query head n = kv_head * G + g.
   q = query.reshape(batch, seq_len_q, num_kv_heads, group, head_dim)
+  alibi = None
+  if score.alibi:
+    slope = alibi_slopes.reshape(batch, num_kv_heads, group, 1, 1)
+    alibi = score.alibi_bias(slope, jnp.arange(seq_len_q)[:, None],
+                             jnp.arange(seq_len_k)[None, :])
   logits = score.logits(jnp.einsum("btkgh,bskh->bkgts", q, key,
-                                   preferred_element_type=acc))
+                                   preferred_element_type=acc), alibi)
   segs = ()
   if mask.has_segments:
     q_seg, kv_seg = segments
@@ -58,7 +64,7 @@ def attention_reference(query, key, value, *, scale: float, is_causal=False,
                         causal_alignment="top_left", local_window_size=None,
                         query_seq_lengths=None, key_value_seq_lengths=None,
                         q_segment_ids=None, kv_segment_ids=None,
-                        logits_soft_cap=None):
+                        logits_soft_cap=None, alibi_slopes=None):
   """Reference attention with `fa2_jax.flash_attention`'s mask arguments.
 
   Returns (out [B, T, N, H], lse [B, N, T]); see `flash_attention` for the
@@ -71,7 +77,9 @@ def attention_reference(query, key, value, *, scale: float, is_causal=False,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+  slopes = validation.check_alibi_slopes(alibi_slopes, dims["B"], dims["N"])
   score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
-                    soft_cap=validation.check_soft_cap(logits_soft_cap))
-  return reference_attention(query, key, value, segments, mask=mask,
+                    soft_cap=validation.check_soft_cap(logits_soft_cap),
+                    alibi=slopes is not None, offset=mask.offset)
+  return reference_attention(query, key, value, segments, slopes, mask=mask,
                              score=score)

@@ -90,3 +90,19 @@ def check_soft_cap(soft_cap) -> float | None:
     raise ValueError(f"logits_soft_cap must be finite and > 0, got "
                      f"{soft_cap}")
   return float(soft_cap)
+
+
+def check_alibi_slopes(slopes, batch: int, num_heads: int):
+  """Returns ALiBi slopes as [B, N] float32 (or None); accepts [N] or [B, N]."""
+  if slopes is None:
+    return None
+  if not hasattr(slopes, "shape") or not hasattr(slopes, "dtype"):
+    raise TypeError(f"alibi_slopes must be an array of shape [N] or [B, N], "
+                    f"got {type(slopes).__name__}")
+  if not jnp.issubdtype(slopes.dtype, jnp.floating):
+    raise TypeError(f"alibi_slopes must be floating, got "
+                    f"{jnp.dtype(slopes.dtype).name}")
+  if tuple(slopes.shape) not in ((num_heads,), (batch, num_heads)):
+    raise ValueError(f"alibi_slopes must have shape ({num_heads},) or "
+                     f"({batch}, {num_heads}), got {tuple(slopes.shape)}")
+  return jnp.broadcast_to(slopes.astype(jnp.float32), (batch, num_heads))

@@ -33,11 +33,12 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   """One [block_k, H] tile of dK and dV, summed over the GQA group.
 
   Refs: q_ref, do_ref [T_pad, group, Hp]; k_ref, v_ref [block_k, Hp];
-  lse_ref, delta_ref [group, T_pad]; with segments, q_seg_ref [T_pad],
-  kv_seg_ref [block_k] and the 0-d query-block range refs; then dk_ref,
-  dv_ref [block_k, Hp]. Works on transposed tiles (S^T = K Q^T) so that no
-  tile is transposed.
+  lse_ref, delta_ref [group, T_pad]; with ALiBi, slope_ref [group]; with
+  segments, q_seg_ref [T_pad], kv_seg_ref [block_k] and the 0-d query-block
+  range refs; then dk_ref, dv_ref [block_k, Hp]. Works on transposed tiles
+  (S^T = K Q^T) so that no tile is transposed.
   """
+  slope_ref, refs = tiles.split_slope_ref(refs, score)
   segs, (dk_ref, dv_ref) = tiles.split_segment_refs(refs, mask)
   k_block = pl.program_id(0)
   head_dim_padded = k_ref.shape[-1]
@@ -58,8 +59,10 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     delta = tiles.load_row_stats(delta_ref.at[head, q_rows], rows,
                                  mask.seq_len_q, other=0.0)
     # -- recompute P^T (Algorithm 2, lines 11-13)
+    alibi = None if slope_ref is None else score.alibi_bias(
+        slope_ref[head], rows[None, :], cols[:, None])
     s_t, tanh_t = score.logits_log2(
-        plgpu.dot(k, q, trans_b=True, precision=precision))
+        plgpu.dot(k, q, trans_b=True, precision=precision), alibi)
     p_t = jnp.exp2(s_t - lse2[None, :])
     if masked:
       q_seg = tiles.load_query_segments(segs, rows, mask, at=q_rows)
@@ -93,10 +96,13 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   """One [block_q, H] tile of dQ.
 
   Refs: q_ref, do_ref [block_q, Hp]; k_ref, v_ref [S_pad, Hp]; lse_ref,
-  delta_ref [block_q]; with segments, q_seg_ref [block_q], kv_seg_ref [S_pad]
-  and the 0-d key-block range refs; then dq_ref [block_q, Hp].
+  delta_ref [block_q]; with ALiBi, the 0-d slope ref; with segments,
+  q_seg_ref [block_q], kv_seg_ref [S_pad] and the 0-d key-block range refs;
+  then dq_ref [block_q, Hp].
   """
+  slope_ref, refs = tiles.split_slope_ref(refs, score)
   segs, (dq_ref,) = tiles.split_segment_refs(refs, mask)
+  slope = None if slope_ref is None else slope_ref[()]
   q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
   head_dim_padded = q_ref.shape[-1]
   rows = tiles.indices(q_block * block_q, block_q)
@@ -113,8 +119,10 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     bound = mask.seq_len_k if masked else None
     k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
     v = tiles.load_tile(v_ref.at[kv_rows], cols, bound, head_dim)
+    alibi = None if slope is None else score.alibi_bias(
+        slope, rows[:, None], cols[None, :])
     s, tanh_t = score.logits_log2(
-        plgpu.dot(q, k, trans_b=True, precision=precision))
+        plgpu.dot(q, k, trans_b=True, precision=precision), alibi)
     p = jnp.exp2(s - lse2[:, None])
     if masked:
       kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
@@ -132,8 +140,8 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   tiles.store_tile(dq_ref, dq * score.scale, rows, mask.seq_len_q, head_dim)
 
 
-def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
-             score: ScoreRule, block_q_dkv: int, block_k_dkv: int,
+def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None, *,
+             mask: MaskRule, score: ScoreRule, block_q_dkv: int, block_k_dkv: int,
              block_q_dq: int, block_k_dq: int, num_warps: int,
              num_stages: int, interpret: bool):
   """FlashAttention-2 backward.
@@ -141,8 +149,9 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   Args:
     q, do: [B, T, N, H]; k, v: [B, S, K, H]; lse, delta: [B, N, T] float32,
     with delta = rowsum(dO * O) (minus the LSE's cotangent, if any).
-    segments: None or (q_segments [B, T], kv_segments [B, S]) int32, as in
-    the forward; mask, score: the forward's visibility and logit rules.
+    segments: None or (q_segments [B, T], kv_segments [B, S]) int32, and
+    alibi_slopes: None or [B, N] float32, as in the forward; mask, score: the
+    forward's visibility and logit rules.
   Returns:
     dq [B, T, N, H], dk and dv [B, S, K, H], in the inputs' dtypes.
   """
@@ -164,6 +173,9 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                              lambda j, b, h: (b, h, 0))
   in_specs = [q_group, kv_tile, kv_tile, q_group, stats_group, stats_group]
   args = [q, k, v, do, lse, delta]
+  if score.alibi:
+    in_specs.append(pl.BlockSpec((None, group), lambda j, b, h: (b, h)))
+    args.append(alibi_slopes)
   if mask.has_segments:
     specs, arrays = tiles.segment_inputs(
         segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
@@ -196,6 +208,9 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                             lambda i, b, h: (b, h, q_block(i)))
   in_specs = [q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile]
   args = [q, k, v, do, lse, delta]
+  if score.alibi:
+    in_specs.append(pl.BlockSpec((None, None), lambda i, b, h: (b, h)))
+    args.append(alibi_slopes)
   if mask.has_segments:
     specs, arrays = tiles.segment_inputs(
         segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,

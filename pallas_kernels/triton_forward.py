@@ -23,11 +23,13 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
   """One [block_q, H] tile of O and its [block_q] LSE.
 
   Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head); with
-  segments, q_seg_ref [block_q], kv_seg_ref [S_pad] and the 0-d key-block
-  range refs; then o_ref [block_q, Hp], lse_ref [block_q]. Hp is head_dim
-  padded to a power of two.
+  ALiBi, the 0-d slope ref; with segments, q_seg_ref [block_q], kv_seg_ref
+  [S_pad] and the 0-d key-block range refs; then o_ref [block_q, Hp], lse_ref
+  [block_q]. Hp is head_dim padded to a power of two.
   """
+  slope_ref, refs = tiles.split_slope_ref(refs, score)
   segs, (o_ref, lse_ref) = tiles.split_segment_refs(refs, mask)
+  slope = None if slope_ref is None else slope_ref[()]
   q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
   head_dim_padded = q_ref.shape[-1]
   rows = tiles.indices(q_block * block_q, block_q)
@@ -42,8 +44,11 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
     # Unmasked blocks lie wholly inside S: only head_dim padding to mask.
     bound = mask.seq_len_k if masked else None
     k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
-    # Logits in base 2 (e^x = 2^(x log2 e)), soft-capped if asked.
-    s, _ = score.logits_log2(plgpu.dot(q, k, trans_b=True, precision=precision))
+    # Logits in base 2 (e^x = 2^(x log2 e)), soft-capped and ALiBi if asked.
+    alibi = None if slope is None else score.alibi_bias(
+        slope, rows[:, None], cols[None, :])
+    s, _ = score.logits_log2(
+        plgpu.dot(q, k, trans_b=True, precision=precision), alibi)
     if masked:
       kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
       s = jnp.where(tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg),
@@ -78,7 +83,8 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
   plgpu.store(lse_ref, lse, mask=rows < mask.seq_len_q)
 
 
-def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
+def forward(q, k, v, segments=None, alibi_slopes=None, *, mask: MaskRule,
+            score: ScoreRule,
             block_q: int, block_k: int, num_warps: int, num_stages: int,
             interpret: bool):
   """FlashAttention-2 forward.
@@ -87,8 +93,9 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
     q: [B, T, N, H]; k, v: [B, S, K, H] with N a multiple of K.
     segments: None, or (q_segments [B, T], kv_segments [B, S]) int32 (see
       `mask.lengths_to_segments`); required iff `mask.has_segments`.
+    alibi_slopes: None, or [B, N] float32 (iff `score.alibi`).
     mask: the visibility rule, with T and S matching the shapes.
-    score: scale and soft cap of the logits.
+    score: scale, soft cap and ALiBi of the logits.
   Returns:
     out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
   """
@@ -110,6 +117,9 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   kv_spec = pl.BlockSpec((None, seq_len_k_padded, None, head_dim_padded),
                          lambda i, b, h: (b, 0, h // group, 0))
   in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+  if score.alibi:
+    in_specs.append(pl.BlockSpec((None, None), lambda i, b, h: (b, h)))
+    args.append(alibi_slopes)
   if mask.has_segments:
     specs, arrays = tiles.segment_inputs(
         segments, block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,

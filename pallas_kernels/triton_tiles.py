@@ -117,6 +117,11 @@ class SegmentRefs(NamedTuple):
   end: Any
 
 
+def split_slope_ref(refs, score):
+  """(ALiBi slope ref or None, the remaining refs): the slope ref comes first."""
+  return (refs[0], refs[1:]) if score.alibi else (None, refs)
+
+
 def split_segment_refs(refs, mask):
   """(SegmentRefs or None, the remaining refs): segment refs come first."""
   if mask.has_segments:

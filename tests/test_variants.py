@@ -21,6 +21,12 @@ def lengths(batch, length, seed):
   return jnp.asarray(rng.integers(1, length + 1, size=(batch,)), jnp.int32)
 
 
+def alibi_slopes(heads):
+  """ALiBi's geometric slopes 2^(-8 i / N), i = 1..N."""
+  return jnp.asarray([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)],
+                     jnp.float32)
+
+
 CASES = {
     # name: (shape (B, T, S, N, K, H, causal), mask_fn(B, T, S) -> kwargs)
     "bottom_right-T<S": ((1, 50, 130, 2, 1, 64, True),
@@ -54,6 +60,13 @@ CASES = {
     "soft_cap-causal-window": ((1, 100, 100, 2, 1, 48, True),
                                lambda b, t, s: dict(logits_soft_cap=1.5,
                                                     local_window_size=(30, 0))),
+    "alibi-causal-gqa": ((2, 110, 110, 4, 2, 64, True),
+                         lambda b, t, s: dict(alibi_slopes=alibi_slopes(4))),
+    "alibi-per-batch-bottom_right": ((2, 70, 130, 2, 1, 32, True),
+                                     lambda b, t, s: dict(
+                                         alibi_slopes=jnp.asarray(
+                                             [[0.5, 0.125], [0.25, 0.0625]]),
+                                         causal_alignment="bottom_right")),
     "everything": ((2, 140, 140, 4, 2, 40, True),
                    lambda b, t, s: dict(
                        q_segment_ids=packed_ids(b, t, 3, 7),
@@ -61,6 +74,7 @@ CASES = {
                        key_value_seq_lengths=lengths(b, s, 9),
                        local_window_size=(50, 0),
                        logits_soft_cap=3.0,
+                       alibi_slopes=alibi_slopes(4),
                        causal_alignment="bottom_right")),
 }
 
@@ -124,6 +138,10 @@ def test_padded_query_rows_output_zero(interpret):
      r"kv_segment_ids \[B, S\] is required when T != S \(T=16, S=24\)"),
     (dict(kv_segment_ids=jnp.ones((1, 24), jnp.int32)), ValueError,
      "kv_segment_ids was given without q_segment_ids"),
+    (dict(alibi_slopes=jnp.ones((3,))), ValueError,
+     r"alibi_slopes must have shape \(2,\) or \(1, 2\), got \(3,\)"),
+    (dict(alibi_slopes=jnp.ones((2,), jnp.int32)), TypeError,
+     "alibi_slopes must be floating, got int32"),
     (dict(logits_soft_cap=0.0), ValueError,
      "logits_soft_cap must be finite and > 0, got 0.0"),
     (dict(logits_soft_cap="30"), TypeError,
@@ -154,3 +172,14 @@ def test_variants_match_jax_nn():
   np.testing.assert_allclose(got[0, :37], want[0, :37], atol=1e-5, rtol=1e-5)
   np.testing.assert_allclose(got[1], want[1], atol=1e-5, rtol=1e-5)
   assert np.all(np.asarray(got[0, 37:]) == 0.0)
+
+
+def test_alibi_slopes_are_constants(interpret):
+  """No gradient reaches the slopes, in the kernels and in the reference."""
+  q = jax.random.normal(jax.random.key(2), (1, 20, 2, 16), jnp.float32)
+  for kw in (dict(implementation="triton", interpret=interpret),
+             dict(implementation="xla")):
+    grad = jax.grad(lambda s: fa2_jax.flash_attention(
+        q, q, q, alibi_slopes=s, is_causal=True, **kw).sum())(
+            jnp.asarray([0.5, 0.25]))
+    np.testing.assert_array_equal(grad, 0.0)
