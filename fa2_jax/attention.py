@@ -102,8 +102,6 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       raise NotImplementedError(f"{name} is not supported yet (got a "
                                 f"{type(arg).__name__}); pass None")
   dims = validation.check_qkv(query, key, value)
-  score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
-                    soft_cap=validation.check_soft_cap(logits_soft_cap))
   is_causal = validation.check_bool("is_causal", is_causal)
   return_residual = validation.check_bool("return_residual", return_residual)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
