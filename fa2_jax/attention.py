@@ -56,8 +56,9 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
     query: [B, T, N, H] float16, bfloat16 or float32.
     key, value: [B, S, K, H], same dtype; N a multiple of K (GQA/MQA): query
       head n reads kv head n // (N // K).
-    bias, mask: not implemented yet; anything but None raises
-      NotImplementedError.
+    bias: not implemented yet; anything but None raises NotImplementedError.
+    mask: bool, broadcastable to [B, N, T, S] (True = attend), as jax.nn;
+      combined (and) with every other rule here.
     scale: logit scale; default 1 / sqrt(H).
     is_causal: query i sees keys j <= p(i), its position (below).
     query_seq_lengths, key_value_seq_lengths: [B] int, padding as in jax.nn:
@@ -97,22 +98,21 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
   Returns:
     out [B, T, N, H] in the input dtype, or (out, lse) with return_residual.
   """
-  for name, arg in (("bias", bias), ("mask", mask)):
-    if arg is not None:
-      raise NotImplementedError(f"{name} is not supported yet (got a "
-                                f"{type(arg).__name__}); pass None")
+  if bias is not None:
+    raise NotImplementedError(f"bias is not supported yet (got a "
+                              f"{type(bias).__name__}); pass None")
   dims = validation.check_qkv(query, key, value)
   is_causal = validation.check_bool("is_causal", is_causal)
   return_residual = validation.check_bool("return_residual", return_residual)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a fa2_jax.BlockSizes or None, got "
                     f"{type(block_sizes).__name__}")
-  rule, segments = masking.build_mask(
+  rule, segments, mask_array = masking.build_mask(
       dims, is_causal=is_causal, causal_alignment=causal_alignment,
       local_window_size=local_window_size,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask)
   slopes = validation.check_alibi_slopes(alibi_slopes, dims["B"], dims["N"])
   if slopes is not None:
     slopes = jax.lax.stop_gradient(slopes)
@@ -123,7 +123,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
 
   if implementation == "xla":
     out, lse = reference_attention(query, key, value, segments, slopes,
-                                   mask=rule, score=score)
+                                   mask_array, mask=rule, score=score)
   else:
     if dims["H"] > MAX_KERNEL_HEAD_DIM:
       raise NotImplementedError(
@@ -138,5 +138,5 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
     config = KernelConfig(mask=rule, score=score, block_sizes=block_sizes,
                           interpret=interpret)
     out, lse = triton_attention(query, key, value, segments, slopes,
-                                config=config)
+                                mask_array, config=config)
   return (out, lse) if return_residual else out

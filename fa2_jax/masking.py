@@ -40,18 +40,38 @@ def _window(local_window_size):
   return pair
 
 
+def _mask_array(mask, dims):
+  """`mask` as [Bm, Nm, Tm, Sm] bool, each axis full or 1, or None."""
+  if mask is None:
+    return None
+  full = (dims["B"], dims["N"], dims["T"], dims["S"])
+  if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
+    raise TypeError(f"mask must be a bool array broadcastable to [B, N, T, S]"
+                    f" = {full}, got {type(mask).__name__}")
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"mask must be bool (True = attend), got "
+                    f"{jnp.dtype(mask.dtype).name}")
+  shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+  if mask.ndim > 4 or any(m not in (1, f) for m, f in zip(shape, full)):
+    raise ValueError(f"mask shape {tuple(mask.shape)} is not broadcastable to "
+                     f"[B, N, T, S] = {full}")
+  return mask.reshape(shape)
+
+
 def build_mask(dims, *, is_causal, causal_alignment, local_window_size,
                query_seq_lengths, key_value_seq_lengths, q_segment_ids,
-               kv_segment_ids):
-  """Validates the mask arguments; returns (MaskRule, segments or None).
+               kv_segment_ids, mask=None):
+  """Validates the mask arguments; returns (MaskRule, segments, mask array).
 
   Args:
     dims: shape numbers from `validation.check_qkv` (B, T, S, ...).
     Others as in `fa2_jax.flash_attention`.
   Returns:
-    The rule and, when lengths or segment ids are given, (q_segments [B, T],
-    kv_segments [B, S]) int32.
+    The rule; when lengths or segment ids are given, (q_segments [B, T],
+    kv_segments [B, S]) int32, else None; `mask` as [Bm, Nm, Tm, Sm] bool
+    (each axis full or 1), else None.
   """
+  mask_array = _mask_array(mask, dims)
   batch, t, s = dims["B"], dims["T"], dims["S"]
   if causal_alignment not in CAUSAL_ALIGNMENTS:
     raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, "
@@ -82,5 +102,6 @@ def build_mask(dims, *, is_causal, causal_alignment, local_window_size,
   offset = s - t if causal_alignment == "bottom_right" else 0
   rule = MaskRule(seq_len_q=t, seq_len_k=s, is_causal=is_causal, offset=offset,
                   window_left=left, window_right=right,
-                  has_segments=segments is not None)
-  return rule, segments
+                  has_segments=segments is not None,
+                  has_mask_array=mask_array is not None)
+  return rule, segments, mask_array

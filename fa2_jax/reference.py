@@ -15,7 +15,7 @@ from pallas_kernels.scores import ScoreRule
 
 
 def reference_attention(query, key, value, segments=None, alibi_slopes=None,
-                        *, mask: MaskRule, score: ScoreRule):
+                        mask_array=None, *, mask: MaskRule, score: ScoreRule):
   """Reference attention under a `MaskRule` (the kernels' interface).
 
   Args:
@@ -23,6 +23,7 @@ def reference_attention(query, key, value, segments=None, alibi_slopes=None,
       (query head n reads kv head n // (N // K)).
     segments: None or (q_segments [B, T], kv_segments [B, S]) int32.
     alibi_slopes: None or [B, N] float32 (iff `score.alibi`).
+    mask_array: None or [Bm, Nm, Tm, Sm] bool, each axis full or 1.
     mask: the visibility rule; score: scale, soft cap and ALiBi of the logits.
   Returns:
     out [B, T, N, H] in the input dtype; lse [B, N, T] float32 (float64 for
@@ -41,12 +42,18 @@ def reference_attention(query, key, value, segments=None, alibi_slopes=None,
                              jnp.arange(seq_len_k)[None, :])
   logits = score.logits(jnp.einsum("btkgh,bskh->bkgts", q, key,
                                    preferred_element_type=acc), alibi)
-  segs = ()
+  segs = (None, None)
   if mask.has_segments:
     q_seg, kv_seg = segments
     segs = (q_seg[:, None, None, :, None], kv_seg[:, None, None, None, :])
+  mask_tile = None
+  if mask.has_mask_array:  # [Bm, Nm, Tm, Sm] -> [Bm, K | 1, G | 1, Tm, Sm]
+    bm, nm, tm, sm = mask_array.shape
+    mask_tile = mask_array.reshape(
+        (bm, num_kv_heads, group, tm, sm) if nm > 1 else (bm, 1, 1, tm, sm))
   visible = mask.visible(jnp.arange(seq_len_q)[:, None],
-                         jnp.arange(seq_len_k)[None, :], *segs)
+                         jnp.arange(seq_len_k)[None, :], *segs,
+                         mask_tile=mask_tile)
   logits = jnp.where(visible, logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
@@ -64,22 +71,22 @@ def attention_reference(query, key, value, *, scale: float, is_causal=False,
                         causal_alignment="top_left", local_window_size=None,
                         query_seq_lengths=None, key_value_seq_lengths=None,
                         q_segment_ids=None, kv_segment_ids=None,
-                        logits_soft_cap=None, alibi_slopes=None):
+                        logits_soft_cap=None, alibi_slopes=None, mask=None):
   """Reference attention with `fa2_jax.flash_attention`'s mask arguments.
 
   Returns (out [B, T, N, H], lse [B, N, T]); see `flash_attention` for the
   arguments.
   """
   dims = validation.check_qkv(query, key, value)
-  mask, segments = masking.build_mask(
+  rule, segments, mask_array = masking.build_mask(
       dims, is_causal=is_causal, causal_alignment=causal_alignment,
       local_window_size=local_window_size,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask)
   slopes = validation.check_alibi_slopes(alibi_slopes, dims["B"], dims["N"])
   score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
                     soft_cap=validation.check_soft_cap(logits_soft_cap),
-                    alibi=slopes is not None, offset=mask.offset)
-  return reference_attention(query, key, value, segments, slopes, mask=mask,
-                             score=score)
+                    alibi=slopes is not None, offset=rule.offset)
+  return reference_attention(query, key, value, segments, slopes, mask_array,
+                             mask=rule, score=score)

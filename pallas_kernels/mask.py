@@ -8,6 +8,7 @@ key j (0 <= j < S) when all of these hold:
   * window (left, right): p(i) - left <= j <= p(i) + right   (None: unbounded)
   * segment ids:          q_segment[i] == kv_segment[j]   (padding lengths are
                           folded into segment ids by `lengths_to_segments`)
+  * a boolean mask array: mask[b, n, i, j] (broadcast over size-1 axes)
 
     causal, T=3, S=5, top-left     causal, T=3, S=5, bottom-right
         j: 0 1 2 3 4                   j: 0 1 2 3 4
@@ -70,6 +71,7 @@ class MaskRule:
     window_left, window_right: the local window around the query's position;
       None is unbounded on that side.
     has_segments: the element-wise rule also compares segment ids.
+    has_mask_array: the element-wise rule also reads a boolean mask array.
   """
   seq_len_q: int
   seq_len_k: int
@@ -78,6 +80,12 @@ class MaskRule:
   window_left: int | None = None
   window_right: int | None = None
   has_segments: bool = False
+  has_mask_array: bool = False
+
+  @property
+  def dense_blocks(self) -> bool:
+    """Whether a block can be wholly visible from positions alone."""
+    return not (self.has_segments or self.has_mask_array)
 
   @property
   def has_position_mask(self) -> bool:
@@ -85,17 +93,23 @@ class MaskRule:
             or self.window_right is not None)
 
   def key_loops(self) -> dict:
-    """Which of the three key-block loops (see `key_blocks`) can be non-empty."""
+    """Which of the three key-block loops (see `key_blocks`) can be non-empty.
+
+    With segments, `clamp_to_segments` moves every block into the leading
+    loop; with a mask array the middle (unmasked) loop is empty.
+    """
     return dict(leading=self.window_left is not None or self.has_segments,
-                middle=not self.has_segments, trailing=not self.has_segments)
+                middle=self.dense_blocks, trailing=not self.has_segments)
 
   def query_loops(self) -> dict:
     """Which of the three query-block loops (`query_blocks`) can be non-empty."""
     return dict(leading=self.has_position_mask or self.has_segments,
-                middle=not self.has_segments,
-                trailing=self.window_left is not None and not self.has_segments)
+                middle=self.dense_blocks,
+                trailing=(self.window_left is not None or self.has_mask_array)
+                and not self.has_segments)
 
-  def visible(self, q_idx, k_idx, q_segment=None, kv_segment=None):
+  def visible(self, q_idx, k_idx, q_segment=None, kv_segment=None,
+              mask_tile=None):
     """Element-wise visibility; all arguments broadcast against each other.
 
     Args:
@@ -103,6 +117,7 @@ class MaskRule:
       k_idx: int32 key columns, e.g. [1, block_k] (or [block_k, 1]).
       q_segment, kv_segment: int32 segment ids shaped like q_idx and k_idx;
         required when `has_segments`.
+      mask_tile: bool, broadcastable likewise; required when `has_mask_array`.
     Returns:
       bool, broadcastable to the indices' broadcast shape (terms that do not
       involve q_idx are not broadcast over it): True where the query attends.
@@ -117,6 +132,8 @@ class MaskRule:
       ok = jnp.logical_and(ok, k_idx <= pos + self.window_right)
     if self.has_segments:
       ok = jnp.logical_and(ok, q_segment == kv_segment)
+    if self.has_mask_array:
+      ok = jnp.logical_and(ok, mask_tile)
     return ok
 
   def key_blocks(self, q_block, block_q: int, block_k: int):
@@ -144,7 +161,7 @@ class MaskRule:
       full_lo = _max(full_lo, last_pos - self.window_left)
     full_start = _clamp(_cdiv_nonneg(full_lo, block_k), start, end)
     full_end = _clamp(_floordiv_nonneg(full_hi + 1, block_k), full_start, end)
-    if self.has_segments:  # segment ids are element-wise: mask every block.
+    if not self.dense_blocks:  # element-wise rules: mask every block.
       full_end = full_start
     return start, full_start, full_end, end
 
@@ -183,7 +200,7 @@ class MaskRule:
         _cdiv_nonneg(full_lo - self.offset, block_q), start, end)
     full_end = end if full_hi is None else _clamp(
         _floordiv_nonneg(full_hi - self.offset + 1, block_q), full_start, end)
-    if self.has_segments:
+    if not self.dense_blocks:
       full_end = full_start
     return start, full_start, full_end, end
 

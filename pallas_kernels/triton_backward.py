@@ -33,12 +33,14 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   """One [block_k, H] tile of dK and dV, summed over the GQA group.
 
   Refs: q_ref, do_ref [T_pad, group, Hp]; k_ref, v_ref [block_k, Hp];
-  lse_ref, delta_ref [group, T_pad]; with ALiBi, slope_ref [group]; with
-  segments, q_seg_ref [T_pad], kv_seg_ref [block_k] and the 0-d query-block
-  range refs; then dk_ref, dv_ref [block_k, Hp]. Works on transposed tiles
+  lse_ref, delta_ref [group, T_pad]; with ALiBi, slope_ref [group]; with a
+  mask array, its [(group,) T_pad | 1, block_k | 1] ref; with segments,
+  q_seg_ref [T_pad], kv_seg_ref [block_k] and the 0-d query-block range refs;
+  then dk_ref, dv_ref [block_k, Hp]. Works on transposed tiles
   (S^T = K Q^T) so that no tile is transposed.
   """
   slope_ref, refs = tiles.split_slope_ref(refs, score)
+  mask_ref, refs = tiles.split_mask_ref(refs, mask)
   segs, (dk_ref, dv_ref) = tiles.split_segment_refs(refs, mask)
   k_block = pl.program_id(0)
   head_dim_padded = k_ref.shape[-1]
@@ -66,8 +68,10 @@ def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     p_t = jnp.exp2(s_t - lse2[None, :])
     if masked:
       q_seg = tiles.load_query_segments(segs, rows, mask, at=q_rows)
+      mask_tile = tiles.load_mask_tile(mask_ref, rows, cols, mask, q_at=q_rows,
+                                       head=head)
       visible = tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg,
-                                      keys_major=True)
+                                      mask_tile, keys_major=True)
       p_t = jnp.where(visible, p_t, 0.0)
     # -- dV += P^T dO (line 14); dP^T = V dO^T (line 15)
     dv = dv + plgpu.dot(p_t.astype(do.dtype), do, precision=precision)
@@ -97,10 +101,12 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
 
   Refs: q_ref, do_ref [block_q, Hp]; k_ref, v_ref [S_pad, Hp]; lse_ref,
   delta_ref [block_q]; with ALiBi, the 0-d slope ref; with segments,
-  q_seg_ref [block_q], kv_seg_ref [S_pad] and the 0-d key-block range refs;
-  then dq_ref [block_q, Hp].
+  q_seg_ref [block_q], kv_seg_ref [S_pad] and the 0-d key-block range refs
+  (a mask array's ref comes before them, as in the forward); then dq_ref
+  [block_q, Hp].
   """
   slope_ref, refs = tiles.split_slope_ref(refs, score)
+  mask_ref, refs = tiles.split_mask_ref(refs, mask)
   segs, (dq_ref,) = tiles.split_segment_refs(refs, mask)
   slope = None if slope_ref is None else slope_ref[()]
   q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
@@ -126,8 +132,10 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     p = jnp.exp2(s - lse2[:, None])
     if masked:
       kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
-      p = jnp.where(tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg),
-                    p, 0.0)
+      mask_tile = tiles.load_mask_tile(mask_ref, rows, cols, mask, k_at=kv_rows)
+      visible = tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg,
+                                      mask_tile)
+      p = jnp.where(visible, p, 0.0)
     dp = plgpu.dot(do, v, trans_b=True, precision=precision)
     ds = score.through_cap(p * (dp - delta[:, None]), tanh_t)
     # -- dQ += dS K (Algorithm 2, line 17)
@@ -140,8 +148,8 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   tiles.store_tile(dq_ref, dq * score.scale, rows, mask.seq_len_q, head_dim)
 
 
-def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None, *,
-             mask: MaskRule, score: ScoreRule, block_q_dkv: int, block_k_dkv: int,
+def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None,
+             mask_array=None, *, mask: MaskRule, score: ScoreRule, block_q_dkv: int, block_k_dkv: int,
              block_q_dq: int, block_k_dq: int, num_warps: int,
              num_stages: int, interpret: bool):
   """FlashAttention-2 backward.
@@ -149,9 +157,10 @@ def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None, *,
   Args:
     q, do: [B, T, N, H]; k, v: [B, S, K, H]; lse, delta: [B, N, T] float32,
     with delta = rowsum(dO * O) (minus the LSE's cotangent, if any).
-    segments: None or (q_segments [B, T], kv_segments [B, S]) int32, and
-    alibi_slopes: None or [B, N] float32, as in the forward; mask, score: the
-    forward's visibility and logit rules.
+    segments: None or (q_segments [B, T], kv_segments [B, S]) int32,
+    alibi_slopes: None or [B, N] float32, mask_array: None or
+    [Bm, Nm, Tm, Sm] bool, as in the forward; mask, score: the forward's
+    visibility and logit rules.
   Returns:
     dq [B, T, N, H], dk and dv [B, S, K, H], in the inputs' dtypes.
   """
@@ -176,6 +185,12 @@ def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None, *,
   if score.alibi:
     in_specs.append(pl.BlockSpec((None, group), lambda j, b, h: (b, h)))
     args.append(alibi_slopes)
+  if mask.has_mask_array:
+    spec, array = tiles.mask_array_inputs(
+        mask_array, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
+        seq_len_k=seq_len_k, group=group, query_major=False)
+    in_specs.append(spec)
+    args.append(array)
   if mask.has_segments:
     specs, arrays = tiles.segment_inputs(
         segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
@@ -211,6 +226,12 @@ def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None, *,
   if score.alibi:
     in_specs.append(pl.BlockSpec((None, None), lambda i, b, h: (b, h)))
     args.append(alibi_slopes)
+  if mask.has_mask_array:
+    spec, array = tiles.mask_array_inputs(
+        mask_array, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
+        seq_len_k=seq_len_k, group=group, query_major=True, q_block=q_block)
+    in_specs.append(spec)
+    args.append(array)
   if mask.has_segments:
     specs, arrays = tiles.segment_inputs(
         segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,

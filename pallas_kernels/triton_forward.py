@@ -23,11 +23,13 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
   """One [block_q, H] tile of O and its [block_q] LSE.
 
   Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head); with
-  ALiBi, the 0-d slope ref; with segments, q_seg_ref [block_q], kv_seg_ref
-  [S_pad] and the 0-d key-block range refs; then o_ref [block_q, Hp], lse_ref
-  [block_q]. Hp is head_dim padded to a power of two.
+  ALiBi, the 0-d slope ref; with a mask array, its [block_q | 1, S_pad | 1]
+  ref; with segments, q_seg_ref [block_q], kv_seg_ref [S_pad] and the 0-d
+  key-block range refs; then o_ref [block_q, Hp], lse_ref [block_q]. Hp is
+  head_dim padded to a power of two.
   """
   slope_ref, refs = tiles.split_slope_ref(refs, score)
+  mask_ref, refs = tiles.split_mask_ref(refs, mask)
   segs, (o_ref, lse_ref) = tiles.split_segment_refs(refs, mask)
   slope = None if slope_ref is None else slope_ref[()]
   q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
@@ -51,8 +53,10 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
         plgpu.dot(q, k, trans_b=True, precision=precision), alibi)
     if masked:
       kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
-      s = jnp.where(tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg),
-                    s, -jnp.inf)
+      mask_tile = tiles.load_mask_tile(mask_ref, rows, cols, mask, k_at=kv_rows)
+      visible = tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg,
+                                      mask_tile)
+      s = jnp.where(visible, s, -jnp.inf)
     # -- update m_i and l_i (Algorithm 1, lines 9-10)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     # A row that has seen no visible key yet keeps m = -inf; subtract 0 then.
@@ -83,8 +87,8 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
   plgpu.store(lse_ref, lse, mask=rows < mask.seq_len_q)
 
 
-def forward(q, k, v, segments=None, alibi_slopes=None, *, mask: MaskRule,
-            score: ScoreRule,
+def forward(q, k, v, segments=None, alibi_slopes=None, mask_array=None, *,
+            mask: MaskRule, score: ScoreRule,
             block_q: int, block_k: int, num_warps: int, num_stages: int,
             interpret: bool):
   """FlashAttention-2 forward.
@@ -94,6 +98,8 @@ def forward(q, k, v, segments=None, alibi_slopes=None, *, mask: MaskRule,
     segments: None, or (q_segments [B, T], kv_segments [B, S]) int32 (see
       `mask.lengths_to_segments`); required iff `mask.has_segments`.
     alibi_slopes: None, or [B, N] float32 (iff `score.alibi`).
+    mask_array: None, or [Bm, Nm, Tm, Sm] bool, each axis full or 1 (iff
+      `mask.has_mask_array`).
     mask: the visibility rule, with T and S matching the shapes.
     score: scale, soft cap and ALiBi of the logits.
   Returns:
@@ -120,6 +126,12 @@ def forward(q, k, v, segments=None, alibi_slopes=None, *, mask: MaskRule,
   if score.alibi:
     in_specs.append(pl.BlockSpec((None, None), lambda i, b, h: (b, h)))
     args.append(alibi_slopes)
+  if mask.has_mask_array:
+    spec, array = tiles.mask_array_inputs(
+        mask_array, block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,
+        seq_len_k=seq_len_k, group=group, query_major=True, q_block=q_block)
+    in_specs.append(spec)
+    args.append(array)
   if mask.has_segments:
     specs, arrays = tiles.segment_inputs(
         segments, block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,

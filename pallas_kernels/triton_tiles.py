@@ -157,19 +157,21 @@ def load_key_segments(segs, cols, mask, at=None):
                     other=mask_lib.PAD_KEY_SEGMENT)
 
 
-def tile_visibility(mask, rows, cols, q_seg=None, kv_seg=None, *,
-                    keys_major: bool = False):
+def tile_visibility(mask, rows, cols, q_seg=None, kv_seg=None, mask_tile=None,
+                    *, keys_major: bool = False):
   """Visibility of a [len(rows), len(cols)] tile ([cols, rows] if keys_major).
 
-  `q_seg`, `kv_seg`: the tile's segment ids (None without segments).
+  `q_seg`, `kv_seg`: the tile's segment ids (None without segments);
+  `mask_tile`: its [rows, cols] mask-array tile (None without one).
   """
   if keys_major:
     r, c = rows[None, :], cols[:, None]
-    segs = () if q_seg is None else (q_seg[None, :], kv_seg[:, None])
+    segs = (None, None) if q_seg is None else (q_seg[None, :], kv_seg[:, None])
+    mask_tile = None if mask_tile is None else mask_tile.T
   else:
     r, c = rows[:, None], cols[None, :]
-    segs = () if q_seg is None else (q_seg[:, None], kv_seg[None, :])
-  return mask.visible(r, c, *segs)
+    segs = (None, None) if q_seg is None else (q_seg[:, None], kv_seg[None, :])
+  return mask.visible(r, c, *segs, mask_tile=mask_tile)
 
 
 def segment_inputs(segments, *, block_q: int, block_k: int, seq_len_q: int,
@@ -199,3 +201,53 @@ def segment_inputs(segments, *, block_q: int, block_k: int, seq_len_q: int,
   range_spec = pl.BlockSpec((None, None), lambda i, b, h: (b, own_block(i)))
   return (specs + [range_spec, range_spec],
           [q_seg, kv_seg, ranges[..., 0], ranges[..., 1]])
+
+
+def split_mask_ref(refs, mask):
+  """(mask-array ref or None, the remaining refs): the mask ref comes first."""
+  return (refs[0], refs[1:]) if mask.has_mask_array else (None, refs)
+
+
+def load_mask_tile(mask_ref, rows, cols, mask, *, q_at=None, k_at=None,
+                   head=None):
+  """The [rows, cols] tile of the mask array (size-1 axes stay broadcast).
+
+  `mask_ref` is a [T_blk, S_blk] block (or [group, T_blk, S_blk] in dK/dV,
+  picked by `head`); a size-1 axis is a broadcast one. `q_at` / `k_at` slice
+  the query / key axis when the block spans more than one tile.
+  """
+  if mask_ref is None:
+    return None
+  ref = mask_ref.at[head] if mask_ref.ndim == 3 else mask_ref
+  bcast_q, bcast_k = ref.shape[0] == 1, ref.shape[1] == 1
+  ref = ref.at[slice(None) if bcast_q or q_at is None else q_at,
+               slice(None) if bcast_k or k_at is None else k_at]
+  ok_q = jnp.full((1,), True) if bcast_q else rows < mask.seq_len_q
+  ok_k = jnp.full((1,), True) if bcast_k else cols < mask.seq_len_k
+  return plgpu.load(ref, mask=jnp.logical_and(ok_q[:, None], ok_k[None, :]),
+                    other=False)
+
+
+def mask_array_inputs(mask_array, *, block_q: int, block_k: int,
+                      seq_len_q: int, seq_len_k: int, group: int,
+                      query_major: bool, q_block=lambda i: i):
+  """BlockSpec and array feeding the mask-array ref to a kernel.
+
+  `mask_array` is [Bm, Nm, Tm, Sm] bool, each axis full or 1 (broadcast).
+  query_major (forward, dQ): a [block_q, S_pad] slab per program; else
+  (dK/dV): [group, T_pad, block_k] (the heads of the kv head's group).
+  """
+  bm, nm, tm, sm = mask_array.shape
+  pick = lambda full, idx: idx if full > 1 else 0
+  if query_major:
+    t_blk = block_q if tm > 1 else 1
+    s_blk = pl.cdiv(seq_len_k, block_k) * block_k if sm > 1 else 1
+    spec = pl.BlockSpec((None, None, t_blk, s_blk), lambda i, b, h: (
+        pick(bm, b), pick(nm, h), pick(tm, q_block(i)), 0))
+  else:
+    t_blk = pl.cdiv(seq_len_q, block_q) * block_q if tm > 1 else 1
+    s_blk = block_k if sm > 1 else 1
+    n_blk = group if nm > 1 else None
+    spec = pl.BlockSpec((None, n_blk, t_blk, s_blk), lambda j, b, h: (
+        pick(bm, b), pick(nm, h), 0, pick(sm, j)))
+  return spec, mask_array

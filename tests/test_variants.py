@@ -21,6 +21,12 @@ def lengths(batch, length, seed):
   return jnp.asarray(rng.integers(1, length + 1, size=(batch,)), jnp.int32)
 
 
+def random_mask(shape, seed, density=0.7):
+  """Bool mask of `shape`; its first row of queries sees nothing."""
+  keep = jax.random.bernoulli(jax.random.key(seed), density, shape)
+  return keep.at[..., 0, :].set(False) if shape[-2] > 1 else keep
+
+
 def alibi_slopes(heads):
   """ALiBi's geometric slopes 2^(-8 i / N), i = 1..N."""
   return jnp.asarray([2.0 ** (-8.0 * (i + 1) / heads) for i in range(heads)],
@@ -67,6 +73,14 @@ CASES = {
                                          alibi_slopes=jnp.asarray(
                                              [[0.5, 0.125], [0.25, 0.0625]]),
                                          causal_alignment="bottom_right")),
+    "mask-full-gqa": ((2, 75, 90, 4, 2, 32, False),
+                      lambda b, t, s: dict(mask=random_mask((b, 4, t, s), 14))),
+    "mask-key-padding-causal": ((2, 100, 100, 2, 1, 64, True),
+                                lambda b, t, s: dict(
+                                    mask=random_mask((b, 1, 1, s), 15, 0.8))),
+    "mask-2d-window": ((1, 80, 110, 2, 2, 48, False),
+                       lambda b, t, s: dict(mask=random_mask((t, s), 16),
+                                            local_window_size=(30, 30))),
     "everything": ((2, 140, 140, 4, 2, 40, True),
                    lambda b, t, s: dict(
                        q_segment_ids=packed_ids(b, t, 3, 7),
@@ -75,6 +89,7 @@ CASES = {
                        local_window_size=(50, 0),
                        logits_soft_cap=3.0,
                        alibi_slopes=alibi_slopes(4),
+                       mask=random_mask((b, 1, t, s), 17, 0.9),
                        causal_alignment="bottom_right")),
 }
 
@@ -138,6 +153,11 @@ def test_padded_query_rows_output_zero(interpret):
      r"kv_segment_ids \[B, S\] is required when T != S \(T=16, S=24\)"),
     (dict(kv_segment_ids=jnp.ones((1, 24), jnp.int32)), ValueError,
      "kv_segment_ids was given without q_segment_ids"),
+    (dict(mask=jnp.ones((1, 2, 16, 24), jnp.int32)), TypeError,
+     r"mask must be bool \(True = attend\), got int32"),
+    (dict(mask=jnp.ones((1, 3, 16, 24), bool)), ValueError,
+     r"mask shape \(1, 3, 16, 24\) is not broadcastable to \[B, N, T, S\] = "
+     r"\(1, 2, 16, 24\)"),
     (dict(alibi_slopes=jnp.ones((3,))), ValueError,
      r"alibi_slopes must have shape \(2,\) or \(1, 2\), got \(3,\)"),
     (dict(alibi_slopes=jnp.ones((2,), jnp.int32)), TypeError,
@@ -164,8 +184,9 @@ def test_variants_match_jax_nn():
   b, t, n, h = 2, 48, 2, 32
   ks = jax.random.split(jax.random.key(1), 3)
   q, k, v = (jax.random.normal(kk, (b, t, n, h), jnp.float32) for kk in ks)
+  mask = jnp.ones((b, 1, t, t), bool).at[:, :, :, 5].set(False)
   kw = dict(key_value_seq_lengths=jnp.asarray([30, 48], jnp.int32),
-            local_window_size=(7, 3), is_causal=True)
+            local_window_size=(7, 3), is_causal=True, mask=mask)
   with jax.default_matmul_precision("highest"):
     got = fa2_jax.flash_attention(q, k, v, implementation="xla", **kw)
     want = jax.nn.dot_product_attention(q, k, v, implementation="xla", **kw)
