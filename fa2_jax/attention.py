@@ -2,11 +2,10 @@
 `jax.nn.dot_product_attention`. Validates, picks defaults, dispatches."""
 import jax
 
-from fa2_jax import masking, validation
+from fa2_jax import rules, validation
 from fa2_jax.autodiff import KernelConfig, triton_attention
 from fa2_jax.config import BlockSizes, default_block_sizes
 from fa2_jax.reference import reference_attention
-from pallas_kernels.scores import ScoreRule
 
 IMPLEMENTATIONS = ("triton", "mosaic", "xla")
 MAX_KERNEL_HEAD_DIM = 256
@@ -102,28 +101,23 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
     raise NotImplementedError(f"bias is not supported yet (got a "
                               f"{type(bias).__name__}); pass None")
   dims = validation.check_qkv(query, key, value)
-  is_causal = validation.check_bool("is_causal", is_causal)
   return_residual = validation.check_bool("return_residual", return_residual)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"block_sizes must be a fa2_jax.BlockSizes or None, got "
                     f"{type(block_sizes).__name__}")
-  rule, segments, mask_array = masking.build_mask(
-      dims, is_causal=is_causal, causal_alignment=causal_alignment,
-      local_window_size=local_window_size,
+  r = rules.build_rules(
+      dims, scale=scale, is_causal=is_causal,
+      causal_alignment=causal_alignment, local_window_size=local_window_size,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask)
-  slopes = validation.check_alibi_slopes(alibi_slopes, dims["B"], dims["N"])
-  if slopes is not None:
-    slopes = jax.lax.stop_gradient(slopes)
-  score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
-                    soft_cap=validation.check_soft_cap(logits_soft_cap),
-                    alibi=slopes is not None, offset=rule.offset)
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
+      logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes)
   implementation, interpret = _resolve_implementation(implementation, interpret)
 
   if implementation == "xla":
-    out, lse = reference_attention(query, key, value, segments, slopes,
-                                   mask_array, mask=rule, score=score)
+    out, lse = reference_attention(query, key, value, r.segments,
+                                   r.alibi_slopes, r.mask_array, mask=r.mask,
+                                   score=r.score)
   else:
     if dims["H"] > MAX_KERNEL_HEAD_DIM:
       raise NotImplementedError(
@@ -135,8 +129,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
           f" use float32 or implementation='xla'")
     if block_sizes is None:
       block_sizes = default_block_sizes(dims["H"], query.dtype)
-    config = KernelConfig(mask=rule, score=score, block_sizes=block_sizes,
+    config = KernelConfig(mask=r.mask, score=r.score, block_sizes=block_sizes,
                           interpret=interpret)
-    out, lse = triton_attention(query, key, value, segments, slopes,
-                                mask_array, config=config)
+    out, lse = triton_attention(query, key, value, r.segments, r.alibi_slopes,
+                                r.mask_array, config=config)
   return (out, lse) if return_residual else out

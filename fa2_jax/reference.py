@@ -9,7 +9,7 @@ O(T S) memory, for testing and as `implementation="xla"`.
 import jax
 import jax.numpy as jnp
 
-from fa2_jax import masking, validation
+from fa2_jax import rules, validation
 from pallas_kernels.mask import MaskRule
 from pallas_kernels.scores import ScoreRule
 
@@ -67,26 +67,15 @@ def reference_attention(query, key, value, segments=None, alibi_slopes=None,
   return out, lse
 
 
-def attention_reference(query, key, value, *, scale: float, is_causal=False,
-                        causal_alignment="top_left", local_window_size=None,
-                        query_seq_lengths=None, key_value_seq_lengths=None,
-                        q_segment_ids=None, kv_segment_ids=None,
-                        logits_soft_cap=None, alibi_slopes=None, mask=None):
-  """Reference attention with `fa2_jax.flash_attention`'s mask arguments.
+def attention_reference(query, key, value, *, scale=None, **kwargs):
+  """Reference attention with `fa2_jax.flash_attention`'s arguments.
 
-  Returns (out [B, T, N, H], lse [B, N, T]); see `flash_attention` for the
-  arguments.
+  Returns (out [B, T, N, H], lse [B, N, T]); `kwargs` are the mask and logit
+  arguments of `flash_attention` (is_causal, causal_alignment,
+  local_window_size, query_seq_lengths, key_value_seq_lengths,
+  q_segment_ids, kv_segment_ids, mask, logits_soft_cap, alibi_slopes).
   """
   dims = validation.check_qkv(query, key, value)
-  rule, segments, mask_array = masking.build_mask(
-      dims, is_causal=is_causal, causal_alignment=causal_alignment,
-      local_window_size=local_window_size,
-      query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask)
-  slopes = validation.check_alibi_slopes(alibi_slopes, dims["B"], dims["N"])
-  score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
-                    soft_cap=validation.check_soft_cap(logits_soft_cap),
-                    alibi=slopes is not None, offset=rule.offset)
-  return reference_attention(query, key, value, segments, slopes, mask_array,
-                             mask=rule, score=score)
+  r = rules.build_rules(dims, scale=scale, **kwargs)
+  return reference_attention(query, key, value, r.segments, r.alibi_slopes,
+                             r.mask_array, mask=r.mask, score=r.score)

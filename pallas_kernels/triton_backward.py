@@ -180,34 +180,24 @@ def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None,
                          lambda j, b, h: (b, 0, h, 0))
   stats_group = pl.BlockSpec((None, group, seq_len_q_padded),
                              lambda j, b, h: (b, h, 0))
-  in_specs = [q_group, kv_tile, kv_tile, q_group, stats_group, stats_group]
-  args = [q, k, v, do, lse, delta]
-  if score.alibi:
-    in_specs.append(pl.BlockSpec((None, group), lambda j, b, h: (b, h)))
-    args.append(alibi_slopes)
-  if mask.has_mask_array:
-    spec, array = tiles.mask_array_inputs(
-        mask_array, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
-        seq_len_k=seq_len_k, group=group, query_major=False)
-    in_specs.append(spec)
-    args.append(array)
-  if mask.has_segments:
-    specs, arrays = tiles.segment_inputs(
-        segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
-        seq_len_k=seq_len_k, query_major=False)
-    in_specs, args = in_specs + specs, args + arrays
+  geometry = dict(mask=mask, score=score, segments=segments,
+                  alibi_slopes=alibi_slopes, mask_array=mask_array,
+                  seq_len_q=seq_len_q, seq_len_k=seq_len_k, group=group)
+  specs, arrays = tiles.variant_inputs(block_q=bq, block_k=bk,
+                                       query_major=False, **geometry)
   dk, dv = pl.pallas_call(
       functools.partial(dkdv_kernel, block_q=bq, block_k=bk, group=group,
                         **statics),
       grid=(pl.cdiv(seq_len_k, bk), batch, num_kv_heads),
-      in_specs=in_specs,
+      in_specs=[q_group, kv_tile, kv_tile, q_group, stats_group, stats_group,
+                *specs],
       out_specs=[kv_tile, kv_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params,
       interpret=interpret,
       name="fa2_backward_dkdv",
-  )(*args)
+  )(q, k, v, do, lse, delta, *arrays)
 
   # dQ: one program per (query block, batch, query head).
   bq = tiles.tile_block(block_q_dq, seq_len_q)
@@ -221,30 +211,18 @@ def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None,
                         lambda i, b, h: (b, 0, h // group, 0))
   stats_tile = pl.BlockSpec((None, None, bq),
                             lambda i, b, h: (b, h, q_block(i)))
-  in_specs = [q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile]
-  args = [q, k, v, do, lse, delta]
-  if score.alibi:
-    in_specs.append(pl.BlockSpec((None, None), lambda i, b, h: (b, h)))
-    args.append(alibi_slopes)
-  if mask.has_mask_array:
-    spec, array = tiles.mask_array_inputs(
-        mask_array, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
-        seq_len_k=seq_len_k, group=group, query_major=True, q_block=q_block)
-    in_specs.append(spec)
-    args.append(array)
-  if mask.has_segments:
-    specs, arrays = tiles.segment_inputs(
-        segments, block_q=bq, block_k=bk, seq_len_q=seq_len_q,
-        seq_len_k=seq_len_k, query_major=True, q_block=q_block)
-    in_specs, args = in_specs + specs, args + arrays
+  specs, arrays = tiles.variant_inputs(block_q=bq, block_k=bk,
+                                       query_major=True, q_block=q_block,
+                                       **geometry)
   dq = pl.pallas_call(
       functools.partial(dq_kernel, block_q=bq, block_k=bk, **statics),
       grid=(num_q_blocks, batch, num_heads),
-      in_specs=in_specs,
+      in_specs=[q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile,
+                *specs],
       out_specs=q_tile,
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       compiler_params=params,
       interpret=interpret,
       name="fa2_backward_dq",
-  )(*args)
+  )(q, k, v, do, lse, delta, *arrays)
   return dq, dk, dv

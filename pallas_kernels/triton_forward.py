@@ -122,25 +122,15 @@ def forward(q, k, v, segments=None, alibi_slopes=None, mask_array=None, *,
                         lambda i, b, h: (b, q_block(i), h, 0))
   kv_spec = pl.BlockSpec((None, seq_len_k_padded, None, head_dim_padded),
                          lambda i, b, h: (b, 0, h // group, 0))
-  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
-  if score.alibi:
-    in_specs.append(pl.BlockSpec((None, None), lambda i, b, h: (b, h)))
-    args.append(alibi_slopes)
-  if mask.has_mask_array:
-    spec, array = tiles.mask_array_inputs(
-        mask_array, block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,
-        seq_len_k=seq_len_k, group=group, query_major=True, q_block=q_block)
-    in_specs.append(spec)
-    args.append(array)
-  if mask.has_segments:
-    specs, arrays = tiles.segment_inputs(
-        segments, block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,
-        seq_len_k=seq_len_k, query_major=True, q_block=q_block)
-    in_specs, args = in_specs + specs, args + arrays
+  specs, arrays = tiles.variant_inputs(
+      mask=mask, score=score, segments=segments, alibi_slopes=alibi_slopes,
+      mask_array=mask_array, block_q=block_q, block_k=block_k,
+      seq_len_q=seq_len_q, seq_len_k=seq_len_k, group=group,
+      query_major=True, q_block=q_block)
   return pl.pallas_call(
       kernel,
       grid=(num_q_blocks, batch, num_heads),
-      in_specs=in_specs,
+      in_specs=[q_spec, kv_spec, kv_spec, *specs],
       out_specs=[
           q_spec,
           pl.BlockSpec((None, None, block_q),
@@ -154,4 +144,4 @@ def forward(q, k, v, segments=None, alibi_slopes=None, mask_array=None, *,
                                            num_stages=num_stages),
       interpret=interpret,
       name="fa2_forward",
-  )(*args)
+  )(q, k, v, *arrays)

@@ -251,3 +251,32 @@ def mask_array_inputs(mask_array, *, block_q: int, block_k: int,
     spec = pl.BlockSpec((None, n_blk, t_blk, s_blk), lambda j, b, h: (
         pick(bm, b), pick(nm, h), 0, pick(sm, j)))
   return spec, mask_array
+
+
+def variant_inputs(*, mask, score, segments, alibi_slopes, mask_array,
+                   block_q: int, block_k: int, seq_len_q: int, seq_len_k: int,
+                   group: int, query_major: bool, q_block=lambda i: i):
+  """BlockSpecs and arrays of a kernel's optional refs, in the order the
+  kernels split them: ALiBi slope, mask array, segment refs.
+
+  query_major: grid (query blocks, batch, heads) (forward, dQ); else
+  (key blocks, batch, kv heads) (dK/dV), where a program serves the `group`
+  query heads of its kv head.
+  """
+  specs, arrays = [], []
+  if score.alibi:  # [B, N]: the head's slope, or the group's slopes.
+    specs.append(pl.BlockSpec((None, None if query_major else group),
+                              lambda i, b, h: (b, h)))
+    arrays.append(alibi_slopes)
+  geometry = dict(block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,
+                  seq_len_k=seq_len_k, query_major=query_major,
+                  q_block=q_block)
+  if mask.has_mask_array:
+    spec, array = mask_array_inputs(mask_array, group=group, **geometry)
+    specs.append(spec)
+    arrays.append(array)
+  if mask.has_segments:
+    more_specs, more_arrays = segment_inputs(segments, **geometry)
+    specs += more_specs
+    arrays += more_arrays
+  return specs, arrays

@@ -1,7 +1,8 @@
 """Shared test options: interpret mode on CPU (default) or compiled on a GPU.
 
-    pytest tests/                 # Pallas kernels in interpret mode (CPU)
-    pytest tests/ --compiled      # the same suite compiled on the GPU
+    pytest tests/                     # Pallas kernels in interpret mode (CPU)
+    pytest tests/ --compiled -n 8     # the same suite compiled on the GPU,
+                                      # 8 workers sharing it (pytest-xdist)
 """
 import os
 
@@ -13,6 +14,12 @@ def pytest_addoption(parser):
       "--compiled", action="store_true",
       default=os.environ.get("FA2_JAX_TEST_COMPILED") == "1",
       help="compile the Pallas kernels for the GPU instead of interpreting")
+
+
+def pytest_configure(config):
+  if config.getoption("--compiled"):
+    # Workers share one GPU: allocate on demand, not 75% each up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,16 @@
-"""User mask arguments -> the kernels' `MaskRule` and segment ids, validated.
+"""User arguments -> the kernels' rules and extra inputs, validated.
 
-One function serves the API and the reference, so both mask the same way.
+One function, `build_rules`, serves the API and the reference, so both mask
+and score the same way.
 """
+from typing import Any, NamedTuple
+
+import jax
 import jax.numpy as jnp
 
+from fa2_jax import validation
 from pallas_kernels.mask import MaskRule, lengths_to_segments
+from pallas_kernels.scores import ScoreRule
 
 CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
@@ -58,19 +64,34 @@ def _mask_array(mask, dims):
   return mask.reshape(shape)
 
 
-def build_mask(dims, *, is_causal, causal_alignment, local_window_size,
-               query_seq_lengths, key_value_seq_lengths, q_segment_ids,
-               kv_segment_ids, mask=None):
-  """Validates the mask arguments; returns (MaskRule, segments, mask array).
+class Rules(NamedTuple):
+  """What one call's arguments amount to.
+
+  mask, score: the static rules (hashable). segments: None or (q_segments
+  [B, T], kv_segments [B, S]) int32. alibi_slopes: None or [B, N] float32,
+  gradient stopped. mask_array: None or [Bm, Nm, Tm, Sm] bool, each axis full
+  or 1.
+  """
+  mask: MaskRule
+  score: ScoreRule
+  segments: Any
+  alibi_slopes: Any
+  mask_array: Any
+
+
+def build_rules(dims, *, scale=None, is_causal=False,
+                causal_alignment="top_left", local_window_size=None,
+                query_seq_lengths=None, key_value_seq_lengths=None,
+                q_segment_ids=None, kv_segment_ids=None, mask=None,
+                logits_soft_cap=None, alibi_slopes=None) -> Rules:
+  """Validates the arguments of `fa2_jax.flash_attention` beyond q, k, v.
 
   Args:
-    dims: shape numbers from `validation.check_qkv` (B, T, S, ...).
+    dims: shape numbers from `validation.check_qkv` (B, T, S, N, H, ...).
     Others as in `fa2_jax.flash_attention`.
-  Returns:
-    The rule; when lengths or segment ids are given, (q_segments [B, T],
-    kv_segments [B, S]) int32, else None; `mask` as [Bm, Nm, Tm, Sm] bool
-    (each axis full or 1), else None.
   """
+  is_causal = validation.check_bool("is_causal", is_causal)
+  mask_array = _mask_array(mask, dims)
   mask_array = _mask_array(mask, dims)
   batch, t, s = dims["B"], dims["T"], dims["S"]
   if causal_alignment not in CAUSAL_ALIGNMENTS:
@@ -104,4 +125,11 @@ def build_mask(dims, *, is_causal, causal_alignment, local_window_size,
                   window_left=left, window_right=right,
                   has_segments=segments is not None,
                   has_mask_array=mask_array is not None)
-  return rule, segments, mask_array
+  slopes = validation.check_alibi_slopes(alibi_slopes, batch, dims["N"])
+  if slopes is not None:  # constants, as in FlashAttention: no gradient.
+    slopes = jax.lax.stop_gradient(slopes)
+  score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
+                    soft_cap=validation.check_soft_cap(logits_soft_cap),
+                    alibi=slopes is not None, offset=offset)
+  return Rules(mask=rule, score=score, segments=segments, alibi_slopes=slopes,
+               mask_array=mask_array)
