@@ -10,6 +10,7 @@ after a warm-up. A case that fails (e.g. XLA out of memory) is recorded with
 its error, not raised.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -96,8 +97,7 @@ def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
     row["variant"] = variant
     mask_kwargs = VARIANTS[variant](batch, seq_len)
   if block_sizes is not None:
-    row["block_sizes"] = vars(block_sizes) if hasattr(
-        block_sizes, "__dict__") else str(block_sizes)
+    row["block_sizes"] = dataclasses.asdict(block_sizes)
   try:
     q, k, v, dout = inputs(batch, seq_len, heads, head_dim, dtype)
     fn = attention_fn(impl, is_causal=is_causal, block_sizes=block_sizes,

@@ -1,7 +1,6 @@
 """Tile configuration: the validated `BlockSizes` and the default heuristic."""
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 _POW2_TILES = (16, 32, 64, 128, 256)
@@ -87,14 +86,3 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None
         num_stages_bwd=min(2, sizes.num_stages_bwd))
   return sizes
 
-
-def gpu_compute_capability() -> tuple[int, int] | None:
-  """(major, minor) of the default CUDA device, or None when there is none."""
-  device = jax.devices()[0]
-  if device.platform != "gpu":
-    return None
-  capability = getattr(device, "compute_capability", None)
-  if capability is None:
-    return None
-  major, minor = str(capability).split(".")
-  return int(major), int(minor)

@@ -16,14 +16,7 @@ CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
 def _check_int_array(name, x, shape):
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise TypeError(f"{name} must be an int array of shape {shape}, got "
-                    f"{type(x).__name__}")
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"{name} must have an integer dtype, got "
-                    f"{jnp.dtype(x.dtype).name}")
-  if tuple(x.shape) != shape:
-    raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+  validation.check_array(name, x, kind=jnp.integer, shapes=(shape,))
 
 
 def _window(local_window_size):

@@ -92,17 +92,25 @@ def check_soft_cap(soft_cap) -> float | None:
   return float(soft_cap)
 
 
+def check_array(name: str, x, *, kind, shapes):
+  """Checks an auxiliary array: `kind` jnp.integer or jnp.floating, and a
+  shape among `shapes` (tuples); the message names the argument."""
+  expected = " or ".join(str(sh) for sh in shapes)
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be an array of shape {expected}, got "
+                    f"{type(x).__name__}")
+  if not jnp.issubdtype(x.dtype, kind):
+    word = "have an integer dtype" if kind is jnp.integer else "be floating"
+    raise TypeError(f"{name} must {word}, got {jnp.dtype(x.dtype).name}")
+  if tuple(x.shape) not in shapes:
+    raise ValueError(f"{name} must have shape {expected}, got "
+                     f"{tuple(x.shape)}")
+
+
 def check_alibi_slopes(slopes, batch: int, num_heads: int):
   """Returns ALiBi slopes as [B, N] float32 (or None); accepts [N] or [B, N]."""
   if slopes is None:
     return None
-  if not hasattr(slopes, "shape") or not hasattr(slopes, "dtype"):
-    raise TypeError(f"alibi_slopes must be an array of shape [N] or [B, N], "
-                    f"got {type(slopes).__name__}")
-  if not jnp.issubdtype(slopes.dtype, jnp.floating):
-    raise TypeError(f"alibi_slopes must be floating, got "
-                    f"{jnp.dtype(slopes.dtype).name}")
-  if tuple(slopes.shape) not in ((num_heads,), (batch, num_heads)):
-    raise ValueError(f"alibi_slopes must have shape ({num_heads},) or "
-                     f"({batch}, {num_heads}), got {tuple(slopes.shape)}")
+  check_array("alibi_slopes", slopes, kind=jnp.floating,
+              shapes=((num_heads,), (batch, num_heads)))
   return jnp.broadcast_to(slopes.astype(jnp.float32), (batch, num_heads))

@@ -20,14 +20,19 @@ from pallas_kernels import mask as mask_lib
 LN2 = math.log(2.0)
 
 
+def _pow2_at_least_16(n: int) -> int:
+  """The smallest power of two >= n, and at least 16 (Triton's dot minimum)."""
+  return max(16, 1 << (n - 1).bit_length())
+
+
 def padded_head_dim(head_dim: int) -> int:
   """The head_dim the kernels compute with: a power of two, at least 16."""
-  return max(16, 1 << (head_dim - 1).bit_length())
+  return _pow2_at_least_16(head_dim)
 
 
 def tile_block(block: int, seq_len: int) -> int:
   """A block size no larger than needed for `seq_len` (power of two, >= 16)."""
-  return min(block, padded_head_dim(seq_len))
+  return min(block, _pow2_at_least_16(seq_len))
 
 
 def heavy_first(program, num_programs):
@@ -139,22 +144,25 @@ def clamp_to_segments(bounds, segs):
   return start, end, end, end
 
 
+def _load_ids(ref, at, idx, seq_len: int, pad: int):
+  """[len(idx)] int32 ids of `ref.at[at]`, `pad` past seq_len."""
+  ref = ref if at is None else ref.at[at]
+  return plgpu.load(ref, mask=idx < seq_len, other=pad)
+
+
 def load_query_segments(segs, rows, mask, at=None):
   """[len(rows)] int32 query ids (of `segs.q.at[at]`), or None."""
   if segs is None:
     return None
-  ref = segs.q if at is None else segs.q.at[at]
-  return plgpu.load(ref, mask=rows < mask.seq_len_q,
-                    other=mask_lib.PAD_QUERY_SEGMENT)
+  return _load_ids(segs.q, at, rows, mask.seq_len_q,
+                   mask_lib.PAD_QUERY_SEGMENT)
 
 
 def load_key_segments(segs, cols, mask, at=None):
   """[len(cols)] int32 key ids (of `segs.kv.at[at]`), or None."""
   if segs is None:
     return None
-  ref = segs.kv if at is None else segs.kv.at[at]
-  return plgpu.load(ref, mask=cols < mask.seq_len_k,
-                    other=mask_lib.PAD_KEY_SEGMENT)
+  return _load_ids(segs.kv, at, cols, mask.seq_len_k, mask_lib.PAD_KEY_SEGMENT)
 
 
 def tile_visibility(mask, rows, cols, q_seg=None, kv_seg=None, mask_tile=None,
