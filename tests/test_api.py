@@ -53,6 +53,10 @@ def test_bad_dtypes():
     (dict(scale="0.1"), TypeError, "scale must be a Python float or None"),
     (dict(scale=float("nan")), ValueError, "scale must be finite"),
     (dict(is_causal=1), TypeError, "is_causal must be a bool, got 1"),
+    (dict(return_residual="yes"), TypeError,
+     "return_residual must be a bool, got 'yes'"),
+    (dict(implementation="triton", interpret=1), TypeError,
+     "interpret must be a bool, got 1"),
     (dict(implementation="cuda"), ValueError,
      r"implementation must be None or one of \('triton', 'mosaic', 'xla'\), "
      r"got 'cuda'"),
