@@ -226,10 +226,11 @@ def load_mask_tile(mask_ref, rows, cols, mask, *, q_at=None, k_at=None,
   """
   if mask_ref is None:
     return None
-  ref = mask_ref.at[head] if mask_ref.ndim == 3 else mask_ref
-  bcast_q, bcast_k = ref.shape[0] == 1, ref.shape[1] == 1
-  ref = ref.at[slice(None) if bcast_q or q_at is None else q_at,
-               slice(None) if bcast_k or k_at is None else k_at]
+  bcast_q, bcast_k = mask_ref.shape[-2] == 1, mask_ref.shape[-1] == 1
+  # One indexer: the Triton lowering cannot stack `.at[...]` views.
+  tile = (slice(None) if bcast_q or q_at is None else q_at,
+          slice(None) if bcast_k or k_at is None else k_at)
+  ref = mask_ref.at[(head, *tile) if mask_ref.ndim == 3 else tile]
   ok_q = jnp.full((1,), True) if bcast_q else rows < mask.seq_len_q
   ok_k = jnp.full((1,), True) if bcast_k else cols < mask.seq_len_k
   return plgpu.load(ref, mask=jnp.logical_and(ok_q[:, None], ok_k[None, :]),
