@@ -31,11 +31,14 @@ def main():
   parser.add_argument("--output", default="tune.json")
   parser.add_argument("--seq-len", type=int, default=4096)
   parser.add_argument("--head-dims", default="64,128")
+  parser.add_argument("--variant", default=None,
+                      help="a mask variant of fa2_jax.benchmark.VARIANTS "
+                      "(causal only), e.g. window-1k")
   args = parser.parse_args()
   rows = []
   for head_dim in map(int, args.head_dims.split(",")):
     base = fa2_jax.default_block_sizes(head_dim, jnp.bfloat16)
-    for is_causal in (False, True):
+    for is_causal in (True,) if args.variant else (False, True):
       for pass_, cands in (("fwd", FWD), ("fwd+bwd", BWD)):
         for cand in cands:
           if pass_ == "fwd":
@@ -48,7 +51,8 @@ def main():
                 num_stages_bwd=cand[5])
           row = benchmark.run_case("fa2-triton", seq_len=args.seq_len,
                                    head_dim=head_dim, is_causal=is_causal,
-                                   pass_=pass_, block_sizes=bs)
+                                   pass_=pass_, block_sizes=bs,
+                                   variant=args.variant)
           row["candidate"] = cand
           rows.append(row)
           print(json.dumps(row), file=sys.stderr, flush=True)

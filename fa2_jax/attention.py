@@ -45,7 +45,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
                     key_value_seq_lengths=None, local_window_size=None,
                     q_segment_ids=None, kv_segment_ids=None,
                     causal_alignment="top_left", logits_soft_cap=None,
-                    alibi_slopes=None, return_residual=False,
+                    alibi_slopes=None, dropout_rate=0.0, dropout_rng=None,
+                    return_residual=False,
                     implementation=None, interpret=None, block_sizes=None):
   """Exact attention with FlashAttention-2 kernels: softmax(scale Q K^T) V.
 
@@ -55,7 +56,10 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
     query: [B, T, N, H] float16, bfloat16 or float32.
     key, value: [B, S, K, H], same dtype; N a multiple of K (GQA/MQA): query
       head n reads kv head n // (N // K).
-    bias: not implemented yet; anything but None raises NotImplementedError.
+    bias: float, broadcastable to [B, N, T, S], added to the scaled logits,
+      as jax.nn. Differentiable: dbias is dS summed over the broadcast axes;
+      it costs one more kernel and a [B, N, T, S] float32 buffer, and runs
+      only when the bias is differentiated.
     mask: bool, broadcastable to [B, N, T, S] (True = attend), as jax.nn;
       combined (and) with every other rule here.
     scale: logit scale; default 1 / sqrt(H).
@@ -84,6 +88,13 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
     alibi_slopes: None, [N] or [B, N] float: adds -slope * |p(i) - j| to the
       logits after the soft cap (p(i) as above). The slopes are constants:
       no gradient flows to them.
+    dropout_rate: probability of dropping an attention probability (kept
+      ones are scaled by 1 / (1 - rate)); 0 (default) is no dropout.
+    dropout_rng: a JAX PRNG key, required when dropout_rate > 0. The keep
+      mask is a hash of (key, batch, head, row, column) computed inside the
+      kernels, never stored; the same key drops the same entries on every
+      implementation, including "xla", and lse stays that of the undropped
+      softmax.
     return_residual: also return lse [B, N, T] float32, the natural-log
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
@@ -97,9 +108,6 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
   Returns:
     out [B, T, N, H] in the input dtype, or (out, lse) with return_residual.
   """
-  if bias is not None:
-    raise NotImplementedError(f"bias is not supported yet (got a "
-                              f"{type(bias).__name__}); pass None")
   dims = validation.check_qkv(query, key, value)
   return_residual = validation.check_bool("return_residual", return_residual)
   if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
@@ -110,14 +118,15 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       causal_alignment=causal_alignment, local_window_size=local_window_size,
       query_seq_lengths=query_seq_lengths,
       key_value_seq_lengths=key_value_seq_lengths,
-      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
-      logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes)
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, bias=bias,
+      mask=mask, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
   implementation, interpret = _resolve_implementation(implementation, interpret)
 
   if implementation == "xla":
-    out, lse = reference_attention(query, key, value, r.segments,
-                                   r.alibi_slopes, r.mask_array, mask=r.mask,
-                                   score=r.score)
+    out, lse = reference_attention(query, key, value, mask=r.mask,
+                                   score=r.score, dropout=r.dropout,
+                                   **r.arrays)
   else:
     if dims["H"] > MAX_KERNEL_HEAD_DIM:
       raise NotImplementedError(
@@ -129,8 +138,10 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
           f" use float32 or implementation='xla'")
     if block_sizes is None:
       block_sizes = default_block_sizes(dims["H"], query.dtype)
-    config = KernelConfig(mask=r.mask, score=r.score, block_sizes=block_sizes,
-                          interpret=interpret)
-    out, lse = triton_attention(query, key, value, r.segments, r.alibi_slopes,
-                                r.mask_array, config=config)
+    config = KernelConfig(mask=r.mask, score=r.score, dropout=r.dropout,
+                          block_sizes=block_sizes, interpret=interpret)
+    a = r.arrays
+    out, lse = triton_attention(query, key, value, a["bias"], a["segments"],
+                                a["alibi_slopes"], a["mask_array"], a["seeds"],
+                                config=config)
   return (out, lse) if return_residual else out

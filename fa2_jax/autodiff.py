@@ -3,18 +3,24 @@
 The forward saves (q, k, v, O, LSE); the backward computes
 delta = rowsum(dO * O) (FA2 Algorithm 2, line 4) in one XLA fusion, subtracts
 the LSE's own cotangent (dLSE/dS = P, so it folds into delta), and runs the
-dK/dV and dQ kernels. Segment ids and the mask array are integer or boolean
-inputs, and ALiBi slopes are constants (the API stops their gradient): none
-gets a cotangent.
+dK/dV and dQ kernels. Segment ids, the mask array and the dropout seeds are
+integer or boolean inputs, and ALiBi slopes are constants (the API stops their
+gradient): none gets a cotangent.
+
+The bias's gradient (dS summed over its broadcast axes) costs a third kernel
+and a [B, N, T, S] float32 buffer, so it runs only when the bias is being
+differentiated: the rule uses symbolic zeros to see whether it is.
 """
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from fa2_jax.config import BlockSizes
 from pallas_kernels import triton_backward, triton_forward
+from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
 from pallas_kernels.scores import ScoreRule
 
@@ -24,50 +30,86 @@ class KernelConfig:
   """Everything static about one attention call; hashable."""
   mask: MaskRule
   score: ScoreRule
+  dropout: DropoutRule
   block_sizes: BlockSizes
   interpret: bool
 
+  def rules(self):
+    return dict(mask=self.mask, score=self.score, dropout=self.dropout,
+                interpret=self.interpret)
 
-def _forward(q, k, v, segments, slopes, mask_array, config: KernelConfig):
+
+def _forward(q, k, v, variants, config: KernelConfig):
   bs = config.block_sizes
   return triton_forward.forward(
-      q, k, v, segments, slopes, mask_array, mask=config.mask, score=config.score,
-      block_q=bs.block_q, block_k=bs.block_k, num_warps=bs.num_warps,
-      num_stages=bs.num_stages, interpret=config.interpret)
+      q, k, v, **variants, block_q=bs.block_q, block_k=bs.block_k,
+      num_warps=bs.num_warps, num_stages=bs.num_stages, **config.rules())
+
+
+def _variants(bias, segments, slopes, mask_array, seeds):
+  return dict(bias=bias, segments=segments, alibi_slopes=slopes,
+              mask_array=mask_array, seeds=seeds)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("config",))
-def triton_attention(q, k, v, segments, slopes, mask_array,
+def triton_attention(q, k, v, bias, segments, slopes, mask_array, seeds,
                      config: KernelConfig):
   """Differentiable FA2 attention: returns (out [B,T,N,H], lse [B,N,T]).
 
-  `segments` is None or (q_segments [B, T], kv_segments [B, S]) int32;
+  `bias` is None or [Bm, Nm, Tm, Sm] float (each axis full or 1);
+  `segments` None or (q_segments [B, T], kv_segments [B, S]) int32;
   `slopes` None or [B, N] float32 ALiBi slopes; `mask_array` None or
-  [Bm, Nm, Tm, Sm] bool.
+  [Bm, Nm, Tm, Sm] bool; `seeds` None or [2] int32 dropout seeds.
   """
-  return _forward(q, k, v, segments, slopes, mask_array, config)
+  return _forward(q, k, v, _variants(bias, segments, slopes, mask_array,
+                                     seeds), config)
 
 
-def _attention_fwd(q, k, v, segments, slopes, mask_array,
+def _value(primal):
+  return jax.tree.map(lambda x: x.value, primal,
+                      is_leaf=lambda x: hasattr(x, "perturbed"))
+
+
+def _attention_fwd(q, k, v, bias, segments, slopes, mask_array, seeds,
                    config: KernelConfig):
-  out, lse = _forward(q, k, v, segments, slopes, mask_array, config)
-  return (out, lse), (q, k, v, segments, slopes, mask_array, out, lse)
+  bias_grad = bias is not None and bias.perturbed
+  q, k, v, bias, segments, slopes, mask_array, seeds = _value(
+      (q, k, v, bias, segments, slopes, mask_array, seeds))
+  variants = _variants(bias, segments, slopes, mask_array, seeds)
+  out, lse = _forward(q, k, v, variants, config)
+  # The pytree structure is static: a bias that needs no gradient is saved
+  # under "bias" and a differentiated one under "bias_grad".
+  variants["bias_grad" if bias_grad else "bias"] = variants.pop("bias")
+  return (out, lse), (q, k, v, variants, out, lse)
 
 
 def _attention_bwd(config: KernelConfig, residuals, cotangents):
-  q, k, v, segments, slopes, mask_array, out, lse = residuals
+  q, k, v, variants, out, lse = residuals
   d_out, d_lse = cotangents
+  bias_grad = "bias_grad" in variants
+  bias = variants.pop("bias_grad" if bias_grad else "bias")
+  variants["bias"] = bias
+  if isinstance(d_out, SymbolicZero):
+    d_out = jnp.zeros(out.shape, out.dtype)
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
-  delta = jnp.transpose(delta, (0, 2, 1)) - d_lse  # [B, N, T]
+  delta = jnp.transpose(delta, (0, 2, 1))  # [B, N, T]
+  if not isinstance(d_lse, SymbolicZero):
+    delta = delta - d_lse
   bs = config.block_sizes
+  args = (q, k, v, d_out.astype(q.dtype), lse, delta)
+  kernel_params = dict(num_warps=bs.num_warps_bwd,
+                       num_stages=bs.num_stages_bwd, **variants,
+                       **config.rules())
   dq, dk, dv = triton_backward.backward(
-      q, k, v, d_out.astype(q.dtype), lse, delta, segments, slopes,
-      mask_array, mask=config.mask,
-      score=config.score, block_q_dkv=bs.block_q_dkv,
-      block_k_dkv=bs.block_k_dkv, block_q_dq=bs.block_q_dq,
-      block_k_dq=bs.block_k_dq, num_warps=bs.num_warps_bwd,
-      num_stages=bs.num_stages_bwd, interpret=config.interpret)
-  return dq, dk, dv, None, None, None
+      *args, block_q_dkv=bs.block_q_dkv, block_k_dkv=bs.block_k_dkv,
+      block_q_dq=bs.block_q_dq, block_k_dq=bs.block_k_dq, **kernel_params)
+  d_bias = None
+  if bias_grad:
+    ds = triton_backward.bias_gradient(
+        *args, block_q=bs.block_q_dq, block_k=bs.block_k_dq, **kernel_params)
+    axes = tuple(a for a in range(4) if bias.shape[a] == 1 != ds.shape[a])
+    d_bias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
+  return dq, dk, dv, d_bias, None, None, None, None
 
 
-triton_attention.defvjp(_attention_fwd, _attention_bwd)
+triton_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fa2_jax import validation
+from pallas_kernels.dropout import DropoutRule, seeds_from_key
 from pallas_kernels.mask import MaskRule, lengths_to_segments
 from pallas_kernels.scores import ScoreRule
 
@@ -39,44 +40,77 @@ def _window(local_window_size):
   return pair
 
 
-def _mask_array(mask, dims):
-  """`mask` as [Bm, Nm, Tm, Sm] bool, each axis full or 1, or None."""
-  if mask is None:
+def _pair_array(name, x, dims, *, boolean: bool):
+  """`x` as [Bm, Nm, Tm, Sm], each axis full or 1, or None.
+
+  boolean: a mask (bool, True = attend); else a bias (floating).
+  """
+  if x is None:
     return None
   full = (dims["B"], dims["N"], dims["T"], dims["S"])
-  if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
-    raise TypeError(f"mask must be a bool array broadcastable to [B, N, T, S]"
-                    f" = {full}, got {type(mask).__name__}")
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f"mask must be bool (True = attend), got "
-                    f"{jnp.dtype(mask.dtype).name}")
-  shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
-  if mask.ndim > 4 or any(m not in (1, f) for m, f in zip(shape, full)):
-    raise ValueError(f"mask shape {tuple(mask.shape)} is not broadcastable to "
+  what = "a bool array" if boolean else "a float array"
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"{name} must be {what} broadcastable to [B, N, T, S]"
+                    f" = {full}, got {type(x).__name__}")
+  if boolean and x.dtype != jnp.bool_:
+    raise TypeError(f"{name} must be bool (True = attend), got "
+                    f"{jnp.dtype(x.dtype).name}")
+  if not boolean and not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating (it is added to the logits), "
+                    f"got {jnp.dtype(x.dtype).name}")
+  shape = (1,) * (4 - x.ndim) + tuple(x.shape)
+  if x.ndim > 4 or any(m not in (1, f) for m, f in zip(shape, full)):
+    raise ValueError(f"{name} shape {tuple(x.shape)} is not broadcastable to "
                      f"[B, N, T, S] = {full}")
-  return mask.reshape(shape)
+  return x.reshape(shape)
+
+
+def _dropout(rate, rng, num_heads: int):
+  """(DropoutRule, [2] int32 seeds or None), validated."""
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+    raise TypeError(f"dropout_rate must be a Python float, got "
+                    f"{type(rate).__name__}")
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
+  rule = DropoutRule(rate=float(rate), num_heads=num_heads)
+  if rate == 0.0:
+    return rule, None
+  if rng is None:
+    raise ValueError(f"dropout_rate={rate} needs dropout_rng, a JAX PRNG "
+                     f"key; got None")
+  is_typed = hasattr(rng, "dtype") and jnp.issubdtype(rng.dtype,
+                                                      jax.dtypes.prng_key)
+  is_raw = (hasattr(rng, "dtype") and rng.dtype == jnp.uint32
+            and tuple(rng.shape) == (2,))
+  if not (is_typed and rng.shape == ()) and not is_raw:
+    raise TypeError(f"dropout_rng must be one JAX PRNG key (jax.random.key "
+                    f"or jax.random.PRNGKey), got "
+                    f"{getattr(rng, 'dtype', type(rng).__name__)} "
+                    f"{tuple(getattr(rng, 'shape', ()))}")
+  return rule, seeds_from_key(rng)
 
 
 class Rules(NamedTuple):
   """What one call's arguments amount to.
 
-  mask, score: the static rules (hashable). segments: None or (q_segments
-  [B, T], kv_segments [B, S]) int32. alibi_slopes: None or [B, N] float32,
-  gradient stopped. mask_array: None or [Bm, Nm, Tm, Sm] bool, each axis full
-  or 1.
+  mask, score, dropout: the static rules (hashable). arrays: the kernels'
+  optional inputs, by keyword: segments (None or (q_segments [B, T],
+  kv_segments [B, S]) int32), alibi_slopes (None or [B, N] float32, gradient
+  stopped), bias (None or [Bm, Nm, Tm, Sm] float) and mask_array (None or
+  [Bm, Nm, Tm, Sm] bool), each axis full or 1, and seeds (None or [2] int32).
   """
   mask: MaskRule
   score: ScoreRule
-  segments: Any
-  alibi_slopes: Any
-  mask_array: Any
+  dropout: DropoutRule
+  arrays: dict
 
 
 def build_rules(dims, *, scale=None, is_causal=False,
                 causal_alignment="top_left", local_window_size=None,
                 query_seq_lengths=None, key_value_seq_lengths=None,
-                q_segment_ids=None, kv_segment_ids=None, mask=None,
-                logits_soft_cap=None, alibi_slopes=None) -> Rules:
+                q_segment_ids=None, kv_segment_ids=None, bias=None,
+                mask=None, logits_soft_cap=None, alibi_slopes=None,
+                dropout_rate=0.0, dropout_rng=None) -> Rules:
   """Validates the arguments of `fa2_jax.flash_attention` beyond q, k, v.
 
   Args:
@@ -84,8 +118,9 @@ def build_rules(dims, *, scale=None, is_causal=False,
     Others as in `fa2_jax.flash_attention`.
   """
   is_causal = validation.check_bool("is_causal", is_causal)
-  mask_array = _mask_array(mask, dims)
-  mask_array = _mask_array(mask, dims)
+  bias = _pair_array("bias", bias, dims, boolean=False)
+  mask_array = _pair_array("mask", mask, dims, boolean=True)
+  dropout, seeds = _dropout(dropout_rate, dropout_rng, dims["N"])
   batch, t, s = dims["B"], dims["T"], dims["S"]
   if causal_alignment not in CAUSAL_ALIGNMENTS:
     raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, "
@@ -123,6 +158,8 @@ def build_rules(dims, *, scale=None, is_causal=False,
     slopes = jax.lax.stop_gradient(slopes)
   score = ScoreRule(scale=validation.check_scale(scale, dims["H"]),
                     soft_cap=validation.check_soft_cap(logits_soft_cap),
-                    alibi=slopes is not None, offset=offset)
-  return Rules(mask=rule, score=score, segments=segments, alibi_slopes=slopes,
-               mask_array=mask_array)
+                    alibi=slopes is not None, offset=offset,
+                    has_bias=bias is not None)
+  return Rules(mask=rule, score=score, dropout=dropout, arrays=dict(
+      segments=segments, alibi_slopes=slopes, bias=bias,
+      mask_array=mask_array, seeds=seeds))

@@ -12,27 +12,31 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
 from pallas_kernels.scores import ScoreRule
 from pallas_kernels import triton_tiles as tiles
 
 
 def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
-                   score: ScoreRule, block_q: int, block_k: int,
-                   head_dim: int):
+                   score: ScoreRule, dropout: DropoutRule, block_q: int,
+                   block_k: int, head_dim: int):
   """One [block_q, H] tile of O and its [block_q] LSE.
 
-  Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head); with
-  ALiBi, the 0-d slope ref; with a mask array, its [block_q | 1, S_pad | 1]
-  ref; with segments, q_seg_ref [block_q], kv_seg_ref [S_pad] and the 0-d
-  key-block range refs; then o_ref [block_q, Hp], lse_ref [block_q]. Hp is
-  head_dim padded to a power of two.
+  Refs: q_ref [block_q, Hp], k_ref and v_ref [S_pad, Hp] (one kv head); the
+  optional refs of `tiles.split_optional_refs` (ALiBi: the 0-d slope; bias and
+  mask array: [block_q | 1, S_pad | 1] blocks; dropout: two 0-d seeds;
+  segments: q ids [block_q], kv ids [S_pad], the 0-d key-block range); then
+  o_ref [block_q, Hp], lse_ref [block_q]. Hp is head_dim padded to a power of
+  two.
   """
-  slope_ref, refs = tiles.split_slope_ref(refs, score)
-  mask_ref, refs = tiles.split_mask_ref(refs, mask)
-  segs, (o_ref, lse_ref) = tiles.split_segment_refs(refs, mask)
-  slope = None if slope_ref is None else slope_ref[()]
+  opt, (o_ref, lse_ref) = tiles.split_optional_refs(
+      refs, mask=mask, score=score, dropout=dropout)
+  segs = opt.segs
+  slope = None if opt.slope is None else opt.slope[()]
   q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
+  stream = tiles.dropout_base(opt, dropout, pl.program_id(1),
+                              pl.program_id(2))
   head_dim_padded = q_ref.shape[-1]
   rows = tiles.indices(q_block * block_q, block_q)
   q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
@@ -49,11 +53,13 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
     # Logits in base 2 (e^x = 2^(x log2 e)), soft-capped and ALiBi if asked.
     alibi = None if slope is None else score.alibi_bias(
         slope, rows[:, None], cols[None, :])
+    bias = tiles.load_bias_tile(opt.bias, rows, cols, mask, k_at=kv_rows)
     s, _ = score.logits_log2(
-        plgpu.dot(q, k, trans_b=True, precision=precision), alibi)
+        plgpu.dot(q, k, trans_b=True, precision=precision), alibi, bias)
     if masked:
       kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
-      mask_tile = tiles.load_mask_tile(mask_ref, rows, cols, mask, k_at=kv_rows)
+      mask_tile = tiles.load_pair_tile(opt.mask_array, rows, cols, mask,
+                                       other=False, k_at=kv_rows)
       visible = tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg,
                                       mask_tile)
       s = jnp.where(visible, s, -jnp.inf)
@@ -63,7 +69,9 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
     m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2(m_i - m_ref)
     p = jnp.exp2(s - m_ref[:, None])
-    l_i = alpha * l_i + jnp.sum(p, axis=1)
+    l_i = alpha * l_i + jnp.sum(p, axis=1)  # of the undropped softmax
+    # Dropped entries leave P here; 1/(1-rate) waits for the final rescale.
+    p = tiles.apply_dropout(p, dropout, stream, rows, cols, scale=False)
     # -- update the unnormalized output (Algorithm 1, line 10)
     v = tiles.load_tile(v_ref.at[kv_rows], cols, bound, head_dim)
     acc = alpha[:, None] * acc + plgpu.dot(
@@ -81,16 +89,18 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
 
   # -- one final rescale (Algorithm 1, line 12); rows that saw nothing give 0.
   out = acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]
+  if dropout.active:
+    out = out * dropout.keep_scale
   tiles.store_tile(o_ref, out, rows, mask.seq_len_q, head_dim)
   # -- LSE in natural log (Algorithm 1, line 13); -inf for fully masked rows.
   lse = (m_i + jnp.log2(l_i)) * tiles.LN2
   plgpu.store(lse_ref, lse, mask=rows < mask.seq_len_q)
 
 
-def forward(q, k, v, segments=None, alibi_slopes=None, mask_array=None, *,
-            mask: MaskRule, score: ScoreRule,
-            block_q: int, block_k: int, num_warps: int, num_stages: int,
-            interpret: bool):
+def forward(q, k, v, segments=None, alibi_slopes=None, bias=None,
+            mask_array=None, seeds=None, *, mask: MaskRule, score: ScoreRule,
+            dropout: DropoutRule, block_q: int, block_k: int, num_warps: int,
+            num_stages: int, interpret: bool):
   """FlashAttention-2 forward.
 
   Args:
@@ -98,10 +108,14 @@ def forward(q, k, v, segments=None, alibi_slopes=None, mask_array=None, *,
     segments: None, or (q_segments [B, T], kv_segments [B, S]) int32 (see
       `mask.lengths_to_segments`); required iff `mask.has_segments`.
     alibi_slopes: None, or [B, N] float32 (iff `score.alibi`).
+    bias: None, or [Bm, Nm, Tm, Sm] float, each axis full or 1 (iff
+      `score.has_bias`).
     mask_array: None, or [Bm, Nm, Tm, Sm] bool, each axis full or 1 (iff
       `mask.has_mask_array`).
+    seeds: None, or [2] int32 dropout seeds (iff `dropout.active`).
     mask: the visibility rule, with T and S matching the shapes.
-    score: scale, soft cap and ALiBi of the logits.
+    score: scale, bias, soft cap and ALiBi of the logits.
+    dropout: the dropout rate (LSE stays that of the undropped softmax).
   Returns:
     out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
   """
@@ -116,15 +130,16 @@ def forward(q, k, v, segments=None, alibi_slopes=None, mask_array=None, *,
   q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
 
   kernel = functools.partial(forward_kernel, mask=mask, score=score,
-                             block_q=block_q, block_k=block_k,
+                             dropout=dropout, block_q=block_q, block_k=block_k,
                              head_dim=head_dim)
   q_spec = pl.BlockSpec((None, block_q, None, head_dim_padded),
                         lambda i, b, h: (b, q_block(i), h, 0))
   kv_spec = pl.BlockSpec((None, seq_len_k_padded, None, head_dim_padded),
                          lambda i, b, h: (b, 0, h // group, 0))
   specs, arrays = tiles.variant_inputs(
-      mask=mask, score=score, segments=segments, alibi_slopes=alibi_slopes,
-      mask_array=mask_array, block_q=block_q, block_k=block_k,
+      mask=mask, score=score, dropout=dropout, segments=segments,
+      alibi_slopes=alibi_slopes, bias=bias, mask_array=mask_array,
+      seeds=seeds, block_q=block_q, block_k=block_k,
       seq_len_q=seq_len_q, seq_len_k=seq_len_k, group=group,
       query_major=True, q_block=q_block)
   return pl.pallas_call(

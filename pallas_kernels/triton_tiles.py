@@ -122,16 +122,56 @@ class SegmentRefs(NamedTuple):
   end: Any
 
 
-def split_slope_ref(refs, score):
-  """(ALiBi slope ref or None, the remaining refs): the slope ref comes first."""
-  return (refs[0], refs[1:]) if score.alibi else (None, refs)
+class OptionalRefs(NamedTuple):
+  """A kernel's optional input refs, each None when its feature is off.
+
+  slope: ALiBi slope(s); bias: the bias array's block; mask_array: the mask
+  array's block; seeds: the two 0-d dropout seed refs; segs: SegmentRefs.
+  """
+  slope: Any
+  bias: Any
+  mask_array: Any
+  seeds: Any
+  segs: Any
 
 
-def split_segment_refs(refs, mask):
-  """(SegmentRefs or None, the remaining refs): segment refs come first."""
-  if mask.has_segments:
-    return SegmentRefs(*refs[:4]), refs[4:]
-  return None, refs
+def split_optional_refs(refs, *, mask, score, dropout):
+  """(OptionalRefs, the remaining refs), in the order `variant_inputs` feeds
+  them: ALiBi slope, bias, mask array, 2 dropout seeds, 4 segment refs."""
+  refs = list(refs)
+  take = lambda on, n=1: (refs[:n] if n > 1 else refs[0]) if on else None
+  found = []
+  for on, n in ((score.alibi, 1), (score.has_bias, 1),
+                (mask.has_mask_array, 1), (dropout.active, 2),
+                (mask.has_segments, 4)):
+    found.append(take(on, n))
+    if on:
+      del refs[:n]
+  slope, bias, mask_array, seeds, segs = found
+  segs = None if segs is None else SegmentRefs(*segs)
+  return OptionalRefs(slope, bias, mask_array, seeds, segs), refs
+
+
+def dropout_base(opt: OptionalRefs, dropout, batch, head):
+  """The int32 dropout stream of (batch, query head), or None without dropout."""
+  if opt.seeds is None:
+    return None
+  return dropout.head_base(opt.seeds[0][()], opt.seeds[1][()], batch, head)
+
+
+def apply_dropout(x, dropout, base, rows, cols, *, keys_major: bool = False,
+                  scale: bool = True):
+  """x where the keep mask holds (times 1/(1-rate) if `scale`), else 0.
+
+  `x` is a [rows, cols] tile ([cols, rows] if keys_major); no-op if base is
+  None (no dropout).
+  """
+  if base is None:
+    return x
+  r, c = (rows[None, :], cols[:, None]) if keys_major else (rows[:, None],
+                                                            cols[None, :])
+  kept = x * dropout.keep_scale if scale else x
+  return jnp.where(dropout.keep(base, r, c), kept, 0.0)
 
 
 def clamp_to_segments(bounds, segs):
@@ -211,42 +251,46 @@ def segment_inputs(segments, *, block_q: int, block_k: int, seq_len_q: int,
           [q_seg, kv_seg, ranges[..., 0], ranges[..., 1]])
 
 
-def split_mask_ref(refs, mask):
-  """(mask-array ref or None, the remaining refs): the mask ref comes first."""
-  return (refs[0], refs[1:]) if mask.has_mask_array else (None, refs)
+def load_pair_tile(ref, rows, cols, mask, *, other, q_at=None, k_at=None,
+                   head=None, keys_major: bool = False):
+  """The [rows, cols] tile of a mask or bias array (size-1 axes broadcast).
 
-
-def load_mask_tile(mask_ref, rows, cols, mask, *, q_at=None, k_at=None,
-                   head=None):
-  """The [rows, cols] tile of the mask array (size-1 axes stay broadcast).
-
-  `mask_ref` is a [T_blk, S_blk] block (or [group, T_blk, S_blk] in dK/dV,
-  picked by `head`); a size-1 axis is a broadcast one. `q_at` / `k_at` slice
-  the query / key axis when the block spans more than one tile.
+  `ref` is a [T_blk, S_blk] block (or [group, T_blk, S_blk] in dK/dV, picked
+  by `head`), or None (then None is returned); a size-1 axis is a broadcast
+  one. `q_at` / `k_at` slice the query / key axis when the block spans more
+  than one tile; entries past T or S read `other`. keys_major: the tile comes
+  back transposed, [cols, rows].
   """
-  if mask_ref is None:
+  if ref is None:
     return None
-  bcast_q, bcast_k = mask_ref.shape[-2] == 1, mask_ref.shape[-1] == 1
+  bcast_q, bcast_k = ref.shape[-2] == 1, ref.shape[-1] == 1
   # One indexer: the Triton lowering cannot stack `.at[...]` views.
   tile = (slice(None) if bcast_q or q_at is None else q_at,
           slice(None) if bcast_k or k_at is None else k_at)
-  ref = mask_ref.at[(head, *tile) if mask_ref.ndim == 3 else tile]
+  ref = ref.at[(head, *tile) if ref.ndim == 3 else tile]
   ok_q = jnp.full((1,), True) if bcast_q else rows < mask.seq_len_q
   ok_k = jnp.full((1,), True) if bcast_k else cols < mask.seq_len_k
-  return plgpu.load(ref, mask=jnp.logical_and(ok_q[:, None], ok_k[None, :]),
-                    other=False)
+  x = plgpu.load(ref, mask=jnp.logical_and(ok_q[:, None], ok_k[None, :]),
+                 other=other)
+  return x.T if keys_major else x
 
 
-def mask_array_inputs(mask_array, *, block_q: int, block_k: int,
-                      seq_len_q: int, seq_len_k: int, group: int,
-                      query_major: bool, q_block=lambda i: i):
-  """BlockSpec and array feeding the mask-array ref to a kernel.
+def load_bias_tile(ref, rows, cols, mask, **kwargs):
+  """The float32 bias tile (see `load_pair_tile`), or None without a bias."""
+  x = load_pair_tile(ref, rows, cols, mask, other=0.0, **kwargs)
+  return None if x is None else x.astype(jnp.float32)
 
-  `mask_array` is [Bm, Nm, Tm, Sm] bool, each axis full or 1 (broadcast).
+
+def pair_array_spec(array, *, block_q: int, block_k: int, seq_len_q: int,
+                    seq_len_k: int, group: int, query_major: bool,
+                    q_block=lambda i: i):
+  """BlockSpec feeding a mask or bias array's ref to a kernel.
+
+  `array` is [Bm, Nm, Tm, Sm], each axis full or 1 (broadcast).
   query_major (forward, dQ): a [block_q, S_pad] slab per program; else
   (dK/dV): [group, T_pad, block_k] (the heads of the kv head's group).
   """
-  bm, nm, tm, sm = mask_array.shape
+  bm, nm, tm, sm = array.shape
   pick = lambda full, idx: idx if full > 1 else 0
   if query_major:
     t_blk = block_q if tm > 1 else 1
@@ -259,18 +303,20 @@ def mask_array_inputs(mask_array, *, block_q: int, block_k: int,
     n_blk = group if nm > 1 else None
     spec = pl.BlockSpec((None, n_blk, t_blk, s_blk), lambda j, b, h: (
         pick(bm, b), pick(nm, h), 0, pick(sm, j)))
-  return spec, mask_array
+  return spec
 
 
-def variant_inputs(*, mask, score, segments, alibi_slopes, mask_array,
-                   block_q: int, block_k: int, seq_len_q: int, seq_len_k: int,
-                   group: int, query_major: bool, q_block=lambda i: i):
-  """BlockSpecs and arrays of a kernel's optional refs, in the order the
-  kernels split them: ALiBi slope, mask array, segment refs.
+def variant_inputs(*, mask, score, dropout, segments, alibi_slopes, bias,
+                   mask_array, seeds, block_q: int, block_k: int,
+                   seq_len_q: int, seq_len_k: int, group: int,
+                   query_major: bool, q_block=lambda i: i):
+  """BlockSpecs and arrays of a kernel's optional refs, in the order
+  `split_optional_refs` takes them: ALiBi slope, bias, mask array, dropout
+  seeds, segment refs.
 
   query_major: grid (query blocks, batch, heads) (forward, dQ); else
   (key blocks, batch, kv heads) (dK/dV), where a program serves the `group`
-  query heads of its kv head.
+  query heads of its kv head. `seeds` is [2] int32.
   """
   specs, arrays = [], []
   if score.alibi:  # [B, N]: the head's slope, or the group's slopes.
@@ -280,10 +326,14 @@ def variant_inputs(*, mask, score, segments, alibi_slopes, mask_array,
   geometry = dict(block_q=block_q, block_k=block_k, seq_len_q=seq_len_q,
                   seq_len_k=seq_len_k, query_major=query_major,
                   q_block=q_block)
-  if mask.has_mask_array:
-    spec, array = mask_array_inputs(mask_array, group=group, **geometry)
-    specs.append(spec)
-    arrays.append(array)
+  for on, array in ((score.has_bias, bias), (mask.has_mask_array, mask_array)):
+    if on:
+      specs.append(pair_array_spec(array, group=group, **geometry))
+      arrays.append(array)
+  if dropout.active:  # two 0-d refs into a [2, 1] array
+    for word in (0, 1):
+      specs.append(pl.BlockSpec((None, None), lambda i, b, h, w=word: (w, 0)))
+      arrays.append(seeds.reshape(2, 1))
   if mask.has_segments:
     more_specs, more_arrays = segment_inputs(segments, **geometry)
     specs += more_specs

@@ -25,30 +25,35 @@ def random_inputs(seed, *, batch, seq_q, seq_k, heads, kv_heads, head_dim,
   return q, k, v, dout, dlse
 
 
-def value_and_grads(fn, q, k, v, dout, dlse):
-  """(out, lse) of `fn` and its (dq, dk, dv) for the cotangents (dout, dlse)."""
-  (out, lse), vjp = jax.vjp(fn, q, k, v)
+def value_and_grads(fn, primals, dout, dlse):
+  """(out, lse) of `fn(*primals)` and its gradients for the cotangents
+  (dout, dlse): (dq, dk, dv, then one per extra primal)."""
+  (out, lse), vjp = jax.vjp(fn, *primals)
   return (out, lse), vjp((dout, dlse.astype(lse.dtype)))
 
 
-def reference_fn(scale, **mask_kwargs):
+def reference_fn(scale, diff_names=(), **mask_kwargs):
   """The reference at full matmul precision: XLA on GPUs would otherwise run
-  float32 matmuls in TF32, which is not "the input dtype"."""
-  def fn(q, k, v):
+  float32 matmuls in TF32, which is not "the input dtype". Takes
+  (q, k, v, *extras), the extras being the keyword arguments `diff_names`."""
+  def fn(q, k, v, *extras):
     with jax.default_matmul_precision("highest"):
-      return attention_reference(q, k, v, scale=scale, **mask_kwargs)
+      return attention_reference(q, k, v, scale=scale, **mask_kwargs,
+                                 **dict(zip(diff_names, extras)))
   return fn
 
 
-def truth_and_lowp(q, k, v, dout, dlse, *, scale, **mask_kwargs):
+def truth_and_lowp(primals, dout, dlse, *, scale, diff_names=(),
+                   **mask_kwargs):
   """The reference in float64 (truth) and in the input dtype, as numpy."""
   with jax.enable_x64(True):
-    up = [np.asarray(x, np.float64) for x in (q, k, v, dout, dlse)]
-    truth = value_and_grads(reference_fn(scale, **mask_kwargs),
-                            *map(jnp.asarray, up))
+    up = [jnp.asarray(np.asarray(x, np.float64)) for x in (*primals, dout,
+                                                           dlse)]
+    truth = value_and_grads(reference_fn(scale, diff_names, **mask_kwargs),
+                            up[:-2], *up[-2:])
     truth = jax.tree.map(lambda x: np.asarray(x, np.float64), truth)
-  lowp = value_and_grads(reference_fn(scale, **mask_kwargs), q, k, v, dout,
-                         dlse)
+  lowp = value_and_grads(reference_fn(scale, diff_names, **mask_kwargs),
+                         primals, dout, dlse)
   return truth, to_numpy(lowp)
 
 

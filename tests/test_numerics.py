@@ -27,15 +27,27 @@ SMALL_TILES = fa2_jax.BlockSizes(
     num_stages_bwd=2)
 
 
-def kernel_fn(*, scale, interpret, block_sizes=None, **mask_kwargs):
-  return jax.jit(lambda q, k, v: fa2_jax.flash_attention(
+# Keyword arguments that are differentiated too when a test passes them.
+DIFFERENTIABLE = ("bias",)
+
+
+def kernel_fn(*, scale, interpret, block_sizes=None, diff_names=(),
+              **mask_kwargs):
+  """The kernels as jitted fn(q, k, v, *extras) -> (out, lse); the extras are
+  the keyword arguments `diff_names`."""
+  return jax.jit(lambda q, k, v, *extras: fa2_jax.flash_attention(
       q, k, v, scale=scale, return_residual=True, implementation="triton",
-      interpret=interpret, block_sizes=block_sizes, **mask_kwargs))
+      interpret=interpret, block_sizes=block_sizes, **mask_kwargs,
+      **dict(zip(diff_names, extras))))
 
 
 def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0,
                             mask_fn=None):
-  """Checks out, lse and grads; `mask_fn(batch, T, S)` returns mask kwargs."""
+  """Checks out, lse and grads; `mask_fn(batch, T, S)` returns mask kwargs.
+
+  Those named in DIFFERENTIABLE (the bias) get their gradient checked too.
+  Returns out, lse and the gradients (dq, dk, dv, then the extras').
+  """
   batch, seq_q, seq_k, heads, kv_heads, head_dim, is_causal = shape
   q, k, v, dout, dlse = numerics.random_inputs(
       seed, batch=batch, seq_q=seq_q, seq_k=seq_k, heads=heads,
@@ -44,20 +56,24 @@ def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0,
   mask_kwargs = dict(is_causal=is_causal)
   if mask_fn is not None:
     mask_kwargs.update(mask_fn(batch, seq_q, seq_k))
+  diff_names = tuple(n for n in DIFFERENTIABLE if n in mask_kwargs)
+  extras = tuple(mask_kwargs.pop(n) for n in diff_names)
+  primals = (q, k, v, *extras)
   fn = kernel_fn(scale=scale, interpret=interpret, block_sizes=block_sizes,
-                 **mask_kwargs)
-  (out, lse), grads = numerics.value_and_grads(fn, q, k, v, dout, dlse)
+                 diff_names=diff_names, **mask_kwargs)
+  (out, lse), grads = numerics.value_and_grads(fn, primals, dout, dlse)
   assert out.dtype == dtype and lse.dtype == jnp.float32
   assert out.shape == q.shape and lse.shape == (batch, heads, seq_q)
-  assert [g.dtype for g in grads] == [dtype] * 3
-  truth, lowp = numerics.truth_and_lowp(q, k, v, dout, dlse, scale=scale,
-                                        **mask_kwargs)
+  assert [g.dtype for g in grads] == [x.dtype for x in primals]
+  assert [g.shape for g in grads] == [x.shape for x in primals]
+  truth, lowp = numerics.truth_and_lowp(primals, dout, dlse, scale=scale,
+                                        diff_names=diff_names, **mask_kwargs)
   (out, lse), grads = numerics.to_numpy(((out, lse), grads))
   numerics.assert_fa_rule("out", out, lowp[0][0], truth[0][0], factor=2,
                           dtype=dtype)
   numerics.assert_lse_close(lse, truth[0][1])
-  for name, g, g_lowp, g_truth in zip(("dq", "dk", "dv"), grads, lowp[1],
-                                      truth[1]):
+  for name, g, g_lowp, g_truth in zip(("dq", "dk", "dv", *diff_names), grads,
+                                      lowp[1], truth[1]):
     numerics.assert_fa_rule(name, g, g_lowp, g_truth, factor=3, dtype=dtype)
   return out, lse, grads
 

@@ -1,5 +1,6 @@
-"""Attention variants (alignment, windows, padding, packing) against the
-reference, with FA2's error rule, alone and combined."""
+"""Attention variants (alignment, windows, padding, packing, masks, bias,
+soft cap, ALiBi, dropout) against the reference, with FA2's error rule, alone
+and combined."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,15 @@ def random_mask(shape, seed, density=0.7):
   """Bool mask of `shape`; its first row of queries sees nothing."""
   keep = jax.random.bernoulli(jax.random.key(seed), density, shape)
   return keep.at[..., 0, :].set(False) if shape[-2] > 1 else keep
+
+
+def random_bias(shape, seed):
+  """float32 bias of `shape`, ~N(0, 1)."""
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def dropout(rate, seed):
+  return dict(dropout_rate=rate, dropout_rng=jax.random.key(seed))
 
 
 def alibi_slopes(heads):
@@ -81,8 +91,29 @@ CASES = {
     "mask-2d-window": ((1, 80, 110, 2, 2, 48, False),
                        lambda b, t, s: dict(mask=random_mask((t, s), 16),
                                             local_window_size=(30, 30))),
+    "bias-full-gqa": ((2, 75, 90, 4, 2, 32, False),
+                      lambda b, t, s: dict(bias=random_bias((b, 4, t, s), 20))),
+    "bias-heads-causal": ((1, 100, 130, 4, 2, 64, True),
+                          lambda b, t, s: dict(
+                              bias=random_bias((1, 4, t, s), 21))),
+    "bias-2d-soft_cap-window": ((2, 90, 90, 2, 1, 48, False),
+                                lambda b, t, s: dict(
+                                    bias=random_bias((t, s), 22),
+                                    logits_soft_cap=2.0,
+                                    local_window_size=(25, 10))),
+    "bias-keys-lengths": ((2, 70, 110, 2, 2, 32, True),
+                          lambda b, t, s: dict(
+                              bias=random_bias((b, 1, 1, s), 23),
+                              key_value_seq_lengths=lengths(b, s, 24),
+                              causal_alignment="bottom_right")),
+    "dropout": ((2, 90, 120, 2, 2, 64, False),
+                lambda b, t, s: dropout(0.3, 25)),
+    "dropout-causal-gqa": ((1, 130, 130, 4, 2, 48, True),
+                           lambda b, t, s: dropout(0.1, 26)),
     "everything": ((2, 140, 140, 4, 2, 40, True),
                    lambda b, t, s: dict(
+                       bias=random_bias((1, 4, t, s), 27),
+                       **dropout(0.15, 28),
                        q_segment_ids=packed_ids(b, t, 3, 7),
                        query_seq_lengths=lengths(b, t, 8),
                        key_value_seq_lengths=lengths(b, s, 9),
@@ -166,6 +197,22 @@ def test_padded_query_rows_output_zero(interpret):
      "logits_soft_cap must be finite and > 0, got 0.0"),
     (dict(logits_soft_cap="30"), TypeError,
      "logits_soft_cap must be a Python float or None, got str"),
+    (dict(bias=jnp.ones((1, 2, 16, 24), jnp.int32)), TypeError,
+     r"bias must be floating \(it is added to the logits\), got int32"),
+    (dict(bias=jnp.ones((16, 23))), ValueError,
+     r"bias shape \(16, 23\) is not broadcastable to \[B, N, T, S\] = "
+     r"\(1, 2, 16, 24\)"),
+    (dict(bias=[[0.0]]), TypeError,
+     r"bias must be a float array broadcastable to \[B, N, T, S\] = "
+     r"\(1, 2, 16, 24\), got list"),
+    (dict(dropout_rate=0.1), ValueError,
+     "dropout_rate=0.1 needs dropout_rng, a JAX PRNG key; got None"),
+    (dict(dropout_rate=1.0, dropout_rng=jax.random.key(0)), ValueError,
+     r"dropout_rate must be in \[0, 1\), got 1.0"),
+    (dict(dropout_rate="0.1"), TypeError,
+     "dropout_rate must be a Python float, got str"),
+    (dict(dropout_rate=0.1, dropout_rng=jnp.zeros((3,), jnp.uint32)),
+     TypeError, r"dropout_rng must be one JAX PRNG key .* got uint32 \(3,\)"),
 ])
 def test_bad_mask_arguments(kwargs, error, message):
   q = jnp.ones((1, 16, 2, 32), jnp.float32)
