@@ -98,18 +98,30 @@ def visit_blocks(bounds, step, carry, *, leading: bool, middle: bool,
 
   `bounds` = (start, full_start, full_end, end): [start, full_start) and
   [full_end, end) masked, [full_start, full_end) unmasked. A loop its flag
-  says is empty for this rule is not emitted at all.
+  says is empty for this rule is not emitted at all. When both masked ranges
+  can be non-empty (a window's two edges) they run as one loop, so that a
+  program pays one software-pipeline fill for its masked blocks, not two.
   """
   start, full_start, full_end, end = bounds
+  masked = functools.partial(step, masked=True)
+  if leading and trailing:
+    num_leading = full_start - start
+
+    def either_edge(i, carry):
+      block = jnp.where(i < num_leading, start + i,
+                        full_end + (i - num_leading))
+      return masked(block, carry)
+
+    carry = lax.fori_loop(0, num_leading + (end - full_end), either_edge,
+                          carry)
+    leading = trailing = False
   if leading:
-    carry = lax.fori_loop(start, full_start,
-                          functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(start, full_start, masked, carry)
   if middle:
     carry = lax.fori_loop(full_start, full_end,
                           functools.partial(step, masked=False), carry)
   if trailing:
-    carry = lax.fori_loop(full_end, end, functools.partial(step, masked=True),
-                          carry)
+    carry = lax.fori_loop(full_end, end, masked, carry)
   return carry
 
 

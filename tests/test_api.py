@@ -73,12 +73,6 @@ def test_bad_arguments(kwargs, error, message):
     fa2_jax.flash_attention(q, k, v, **kwargs)
 
 
-def test_later_features_raise_not_implemented():
-  q, k, v, _ = qkv()
-  with pytest.raises(NotImplementedError, match="bias is not supported yet"):
-    fa2_jax.flash_attention(q, k, v, bias=jnp.ones((1,)))
-
-
 def test_kernel_limits(interpret):
   q, k, v, _ = qkv(h=264)
   with pytest.raises(NotImplementedError, match="head_dim 264 is not "
