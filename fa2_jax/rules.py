@@ -3,7 +3,7 @@
 One function, `build_rules`, serves the API and the reference, so both mask
 and score the same way.
 """
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
