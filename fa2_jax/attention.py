@@ -46,7 +46,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
                     q_segment_ids=None, kv_segment_ids=None,
                     causal_alignment="top_left", logits_soft_cap=None,
                     alibi_slopes=None, dropout_rate=0.0, dropout_rng=None,
-                    return_residual=False,
+                    broadcast_dropout=False, return_residual=False,
                     implementation=None, interpret=None, block_sizes=None):
   """Exact attention with FlashAttention-2 kernels: softmax(scale Q K^T) V.
 
@@ -95,6 +95,9 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       kernels, never stored; the same key drops the same entries on every
       implementation, including "xla", and lse stays that of the undropped
       softmax.
+    broadcast_dropout: one keep mask shared by every batch element and head
+      (Flax's `broadcast_dropout=True`); default False, a mask per (batch,
+      head).
     return_residual: also return lse [B, N, T] float32, the natural-log
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
@@ -120,7 +123,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       key_value_seq_lengths=key_value_seq_lengths,
       q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, bias=bias,
       mask=mask, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
-      dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+      broadcast_dropout=broadcast_dropout)
   implementation, interpret = _resolve_implementation(implementation, interpret)
 
   if implementation == "xla":

@@ -65,14 +65,16 @@ def _pair_array(name, x, dims, *, boolean: bool):
   return x.reshape(shape)
 
 
-def _dropout(rate, rng, num_heads: int):
+def _dropout(rate, rng, num_heads: int, broadcast):
   """(DropoutRule, [2] int32 seeds or None), validated."""
   if isinstance(rate, bool) or not isinstance(rate, (int, float)):
     raise TypeError(f"dropout_rate must be a Python float, got "
                     f"{type(rate).__name__}")
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"dropout_rate must be in [0, 1), got {rate}")
-  rule = DropoutRule(rate=float(rate), num_heads=num_heads)
+  broadcast = validation.check_bool("broadcast_dropout", broadcast)
+  rule = DropoutRule(rate=float(rate), num_heads=num_heads,
+                     broadcast=broadcast)
   if rate == 0.0:
     return rule, None
   if rng is None:
@@ -110,7 +112,8 @@ def build_rules(dims, *, scale=None, is_causal=False,
                 query_seq_lengths=None, key_value_seq_lengths=None,
                 q_segment_ids=None, kv_segment_ids=None, bias=None,
                 mask=None, logits_soft_cap=None, alibi_slopes=None,
-                dropout_rate=0.0, dropout_rng=None) -> Rules:
+                dropout_rate=0.0, dropout_rng=None,
+                broadcast_dropout=False) -> Rules:
   """Validates the arguments of `fa2_jax.flash_attention` beyond q, k, v.
 
   Args:
@@ -120,7 +123,8 @@ def build_rules(dims, *, scale=None, is_causal=False,
   is_causal = validation.check_bool("is_causal", is_causal)
   bias = _pair_array("bias", bias, dims, boolean=False)
   mask_array = _pair_array("mask", mask, dims, boolean=True)
-  dropout, seeds = _dropout(dropout_rate, dropout_rng, dims["N"])
+  dropout, seeds = _dropout(dropout_rate, dropout_rng, dims["N"],
+                            broadcast_dropout)
   batch, t, s = dims["B"], dims["T"], dims["S"]
   if causal_alignment not in CAUSAL_ALIGNMENTS:
     raise ValueError(f"causal_alignment must be one of {CAUSAL_ALIGNMENTS}, "

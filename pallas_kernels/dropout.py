@@ -11,6 +11,7 @@ Triton, in XLA and in interpret mode; its top 24 bits are compared with
 round(rate * 2^24).
 
     base(b, n) = mix(seed0 ^ mix(seed1 + b * N + n))       scalar per head
+                 (mix(seed0 ^ mix(seed1)) for all when broadcast)
     row(i)     = mix(base ^ mix(i))                        per query row
     col(j)     = mix(j * 0x9E3779B1)                       per key column
     keep(i, j) = top24(mix(row(i) + col(j))) >= threshold
@@ -48,9 +49,12 @@ class DropoutRule:
   Attributes:
     rate: probability of dropping an entry, 0 <= rate < 1 (0: no dropout).
     num_heads: N, to give each (batch, head) its own stream.
+    broadcast: one stream for every (batch, head): the same keep mask for
+      all of them (Flax's `broadcast_dropout`).
   """
   rate: float = 0.0
   num_heads: int = 1
+  broadcast: bool = False
 
   @property
   def active(self) -> bool:
@@ -64,6 +68,8 @@ class DropoutRule:
   def head_base(self, seed0, seed1, batch, head):
     """int32 stream base of one (batch, head); all arguments int32 scalars
     (or arrays that broadcast)."""
+    if self.broadcast:
+      return mix(seed0 ^ mix(seed1))
     return mix(seed0 ^ mix(seed1 + batch * self.num_heads + head))
 
   def keep(self, base, q_idx, k_idx):
@@ -91,4 +97,5 @@ def keep_mask(rule: DropoutRule, seeds, batch: int, seq_len_q: int,
   base = rule.head_base(seeds[0], seeds[1], b, n)
   i = jnp.arange(seq_len_q, dtype=jnp.int32)[:, None]
   j = jnp.arange(seq_len_k, dtype=jnp.int32)[None, :]
-  return rule.keep(base, i, j)
+  return jnp.broadcast_to(rule.keep(base, i, j),
+                          (batch, rule.num_heads, seq_len_q, seq_len_k))
