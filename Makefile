@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo    # the main job: run the kernels, check them against the reference
+#   make demo    # the main job: train a small GPT with fa2-jax attention
 #   make test    # the test suite (Pallas kernels in interpret mode on a CPU)
 # On a GPU: `make test PYTEST_ARGS=--compiled`.
 # Python 3.12: from PATH if it runs, else pyenv's 3.12 (which this machine has).
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/python examples/demo.py
+	$(VENV)/bin/python examples/train_gpt.py
 
 test: install
 	$(VENV)/bin/python -m pytest tests -q $(PYTEST_ARGS)

@@ -121,6 +121,11 @@ class MultiHeadAttention(nnx.Module):
     dtype: computation dtype (None: that of the inputs and parameters).
     param_dtype: parameter dtype.
     implementation, interpret, block_sizes: passed to `flash_attention`.
+    attention_fn: instead of fa2-jax, call
+      `attention_fn(q, k, v, mask=..., is_causal=...)`, e.g.
+      `functools.partial(jax.nn.dot_product_attention, implementation="cudnn")`
+      to compare the same model against another attention (no segment ids,
+      no dropout then).
     rngs: parameter initialization and the dropout stream.
   """
 
@@ -131,7 +136,7 @@ class MultiHeadAttention(nnx.Module):
                dropout_rate: float = 0.0, deterministic: bool = False,
                use_bias: bool = False, dtype=None, param_dtype=jnp.float32,
                implementation=None, interpret=None, block_sizes=None,
-               rngs: nnx.Rngs):
+               attention_fn=None, rngs: nnx.Rngs):
     qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -157,6 +162,10 @@ class MultiHeadAttention(nnx.Module):
     self.deterministic = deterministic
     self.implementation, self.interpret = implementation, interpret
     self.block_sizes = block_sizes
+    self.attention_fn = attention_fn
+    if attention_fn is not None and dropout_rate > 0.0:
+      raise NotImplementedError("dropout_rate > 0 needs fa2-jax's attention, "
+                                "not a custom attention_fn")
     self.rngs = rngs["dropout"].fork() if dropout_rate > 0.0 else None
 
   def __call__(self, x, *, segment_ids=None, mask=None,
@@ -170,6 +179,12 @@ class MultiHeadAttention(nnx.Module):
     if self.dropout_rate > 0.0 and not deterministic:
       dropout = dict(dropout_rate=self.dropout_rate,
                      dropout_rng=self.rngs())
+    if self.attention_fn is not None:
+      if segment_ids is not None:
+        raise NotImplementedError("segment_ids need fa2-jax's attention, not "
+                                  "a custom attention_fn")
+      return self.out(self.attention_fn(query, key, value, mask=mask,
+                                        is_causal=self.is_causal))
     out = flash_attention(
         query, key, value, mask=mask, is_causal=self.is_causal,
         q_segment_ids=segment_ids, implementation=self.implementation,
