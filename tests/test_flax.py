@@ -149,15 +149,15 @@ def test_module_segments_and_dropout(interpret):
       num_heads=HEADS, in_features=D, out_features=32, num_kv_heads=2,
       is_causal=True, dropout_rate=0.3, implementation="triton",
       interpret=interpret, rngs=nnx.Rngs(0, dropout=1))
-  with jax.default_matmul_precision("highest"):
+  with jax.default_matmul_precision("highest"):  # also for the equality
     got = module(x, segment_ids=ids, deterministic=True)
     want = _manual(module, x, is_causal=True, q_segment_ids=ids)
-  assert got.shape == (B, T, 32)
-  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
-  a, b = module(x, segment_ids=ids), module(x, segment_ids=ids)
-  assert not np.allclose(a, got) and not np.allclose(a, b)  # fresh masks
-  module.eval()
-  np.testing.assert_array_equal(module(x, segment_ids=ids), got)
+    assert got.shape == (B, T, 32)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    a, b = module(x, segment_ids=ids), module(x, segment_ids=ids)
+    assert not np.allclose(a, got) and not np.allclose(a, b)  # fresh masks
+    module.eval()
+    np.testing.assert_array_equal(module(x, segment_ids=ids), got)
 
 
 def test_module_bad_heads():
