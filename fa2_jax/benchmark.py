@@ -1,115 +1,46 @@
-"""Attention throughput on the GPU: fa2-jax against jax.nn.dot_product_attention.
+"""Attention speed and memory on this machine: fa2-jax against
+jax.nn.dot_product_attention (cuDNN, XLA) and the installed peers.
 
-    python -m fa2_jax.benchmark --output results.json
+    python -m fa2_jax.benchmark --output-dir results/     # the full sweep
+    fa2-jax-benchmark --quick --output-dir /tmp/quick     # small; CPU-friendly
+    python -m fa2_jax.benchmark --compare results/results.json
+    python -m fa2_jax.benchmark --variants --output-dir results/
 
-Shapes as in the FlashAttention-2 paper: 16k tokens (batch x seqlen) at hidden
-size 2048 (heads = 2048 / head_dim), bf16, q/k/v [B, T, N, H]. FLOPs as in the
-paper: forward 4 B N T S H, halved when causal; forward+backward 3.5x that.
-Each case is timed as the median over trials of `calls` back-to-back calls
-after a warm-up. A case that fails (e.g. XLA out of memory) is recorded with
-its error, not raised.
+Shapes as in the FlashAttention-2 paper: `--tokens` (batch x seqlen, 16k) at
+`--hidden` (heads x head_dim, 2048), bf16, q/k/v [B, T, N, H]; `--batch` or
+`--heads` fix those instead. FLOPs as in the paper (fwd 4 B N T^2 H, halved
+when causal; bwd 2.5x, fwd+bwd 3.5x). Each case: two warm-up calls, then the
+median over trials of back-to-back calls cycling through 3 input sets. Cases
+that fail or run out of memory are recorded with their error. Writes
+results.json (every row, with the device and versions), speed_<pass>.png,
+memory.png, and prints ratio tables against cuDNN.
 """
 import argparse
-import dataclasses
-import functools
 import json
+import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 import fa2_jax
+from fa2_jax.bench import implementations, memory, report, timing
 
 TOKENS = 16384
 HIDDEN = 2048
+SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+HEAD_DIMS = (64, 128, 256)
+MEMORY_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
+QUICK = dict(seq_lens=(128, 256), head_dims=(64,), tokens=512, hidden=128,
+             memory_seq_lens=(128, 256), calls=2, trials=1)
 
 
-def attention_fn(name, *, is_causal, block_sizes=None, **mask_kwargs):
-  """(q, k, v) -> out for an implementation name."""
-  if name == "fa2-triton":
-    return functools.partial(fa2_jax.flash_attention, is_causal=is_causal,
-                             implementation="triton", block_sizes=block_sizes,
-                             **mask_kwargs)
-  if name == "fa2-mosaic":
-    return functools.partial(fa2_jax.flash_attention, is_causal=is_causal,
-                             implementation="mosaic")
-  if name in ("cudnn", "xla"):
-    if set(mask_kwargs) - {"local_window_size"}:
-      raise NotImplementedError(f"{name} has no {sorted(mask_kwargs)}")
-    return functools.partial(jax.nn.dot_product_attention, is_causal=is_causal,
-                             implementation=name, **mask_kwargs)
-  raise ValueError(f"unknown implementation {name!r}")
-
-
-def flops(batch, seq_len, heads, head_dim, *, is_causal, pass_):
-  """FLOPs of the FA2 paper: fwd 4 B N T^2 H (/2 causal); fwd+bwd 3.5x."""
-  f = 4 * batch * heads * seq_len * seq_len * head_dim
-  f = f / 2 if is_causal else f
-  return f * (3.5 if pass_ == "fwd+bwd" else 1.0)
-
-
-def make_step(fn, pass_):
-  """A jitted step running the forward, or the forward and its pullback."""
-  if pass_ == "fwd":
-    return jax.jit(fn)
-  def fwd_bwd(q, k, v, dout):
-    out, vjp = jax.vjp(fn, q, k, v)
-    return out, vjp(dout)
-  return jax.jit(fwd_bwd)
-
-
-def time_step(step, args, *, calls=10, trials=5):
-  """Median seconds per call over `trials` runs of `calls` back-to-back calls."""
-  jax.block_until_ready(step(*args))  # compile and warm up
-  jax.block_until_ready(step(*args))
-  per_call = []
-  for _ in range(trials):
-    start = time.perf_counter()
-    for _ in range(calls):
-      result = step(*args)
-    jax.block_until_ready(result)
-    per_call.append((time.perf_counter() - start) / calls)
-  return statistics.median(per_call)
-
-
-def inputs(batch, seq_len, heads, head_dim, dtype, seed=0):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  shape = (batch, seq_len, heads, head_dim)
-  return [jax.random.normal(kk, shape, dtype) for kk in ks]
-
-
-def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
-             block_sizes=None, tokens=TOKENS, hidden=HIDDEN, variant=None):
-  """Times one case; returns a result row (with "error" if it failed).
-
-  `variant` names an entry of VARIANTS (mask arguments); its TFLOP/s use the
-  dense (or causal) FLOP count, so a skipped block shows up as speed.
-  """
-  batch, heads = max(1, tokens // seq_len), hidden // head_dim
-  row = dict(impl=impl, seq_len=seq_len, head_dim=head_dim, batch=batch,
-             heads=heads, causal=is_causal, pass_=pass_,
-             dtype=jnp.dtype(dtype).name)
-  mask_kwargs = {}
-  if variant is not None:
-    row["variant"] = variant
-    mask_kwargs = VARIANTS[variant](batch, seq_len)
-  if block_sizes is not None:
-    row["block_sizes"] = dataclasses.asdict(block_sizes)
-  try:
-    q, k, v, dout = inputs(batch, seq_len, heads, head_dim, dtype)
-    fn = attention_fn(impl, is_causal=is_causal, block_sizes=block_sizes,
-                      **mask_kwargs)
-    args = (q, k, v) if pass_ == "fwd" else (q, k, v, dout)
-    seconds = time_step(make_step(fn, pass_), args)
-    row["ms"] = seconds * 1e3
-    row["tflops"] = flops(batch, seq_len, heads, head_dim, is_causal=is_causal,
-                          pass_=pass_) / seconds / 1e12
-  except Exception as e:  # recorded, not raised: OOM, unsupported, ...
-    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-  return row
+def environment():
+  device = jax.devices()[0]
+  return dict(device=device.device_kind, platform=device.platform,
+              jax=jax.__version__, jaxlib=jax.lib.__version__,
+              fa2_jax=fa2_jax.__version__, python=platform.python_version())
 
 
 def _packed_segments(batch, seq_len, num_docs=8):
@@ -125,88 +56,224 @@ VARIANTS = {
 }
 
 
-def environment():
-  device = jax.devices()[0]
-  return dict(device=device.device_kind, platform=device.platform,
-              jax=jax.__version__, fa2_jax=fa2_jax.__version__,
-              python=platform.python_version())
+def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
+             block_sizes=None, tokens=TOKENS, hidden=HIDDEN, batch=None,
+             heads=None, variant=None, interpret=False, calls=10, trials=5):
+  """Times one case; returns its row (with "error" if it failed).
+
+  `variant` names an entry of VARIANTS; its TFLOP/s use the dense (or
+  causal) FLOP count, so skipped blocks show up as speed.
+  """
+  batch = batch or max(1, tokens // seq_len)
+  heads = heads or max(1, hidden // head_dim)
+  row = dict(impl=impl, seq_len=seq_len, head_dim=head_dim, batch=batch,
+             heads=heads, causal=is_causal, pass_=pass_,
+             dtype=jnp.dtype(dtype).name, **environment())
+  mask_kwargs = {}
+  if variant is not None:
+    row["variant"] = variant
+    mask_kwargs = VARIANTS[variant](batch, seq_len)
+  if block_sizes is not None:
+    row["block_sizes"] = {k: getattr(block_sizes, k)
+                          for k in block_sizes.__dataclass_fields__}
+  try:
+    fn = implementations.attention_fn(impl, is_causal=is_causal,
+                                      interpret=interpret,
+                                      block_sizes=block_sizes, **mask_kwargs)
+    seconds = timing.time_case(fn, pass_, batch=batch, seq_len=seq_len,
+                               heads=heads, head_dim=head_dim, dtype=dtype,
+                               calls=calls, trials=trials)
+    row["ms"] = seconds * 1e3
+    row["tflops"] = timing.flops(batch, seq_len, heads, head_dim,
+                                 is_causal=is_causal, pass_=pass_) / seconds / 1e12
+  except Exception as e:  # recorded, not raised: OOM, unsupported, ...
+    row["error"] = timing.describe(e)
+  return row
 
 
-def ratio_table(rows, baseline="cudnn"):
-  """Markdown: TFLOP/s per implementation and the ratio to `baseline`."""
-  impls = sorted({r["impl"] for r in rows}, key=lambda n: (n != "fa2-triton", n))
-  keys = sorted({(r["seq_len"], r["head_dim"], r["causal"], r["pass_"])
-                 for r in rows})
-  by = {(r["impl"], r["seq_len"], r["head_dim"], r["causal"], r["pass_"]): r
-        for r in rows}
-  cell = lambda r: "-" if r is None or "tflops" not in r else f"{r['tflops']:.1f}"
-  lines = ["| seq | head_dim | causal | pass | " + " | ".join(impls) +
-           f" | fa2-triton / {baseline} |", "|---" * (len(impls) + 5) + "|"]
-  for key in keys:
-    cells = [cell(by.get((i, *key))) for i in impls]
-    ours, base = by.get(("fa2-triton", *key)), by.get((baseline, *key))
-    ratio = "-"
-    if ours and base and "tflops" in ours and "tflops" in base:
-      ratio = f"{ours['tflops'] / base['tflops']:.2f}"
-    lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " +
-                 " | ".join(cells) + f" | {ratio} |")
-  return "\n".join(lines)
+class _Progress:
+  """tqdm over the cases when installed; else a line per case to stderr."""
+
+  def __init__(self, total, quiet=False):
+    self.bar = None
+    if not quiet:
+      try:
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, file=sys.stderr, dynamic_ncols=True)
+      except ImportError:
+        pass
+    self.quiet, self.done, self.total = quiet, 0, total
+
+  def step(self, row):
+    self.done += 1
+    label = (f"{row['impl']} T={row['seq_len']} H={row['head_dim']} "
+             f"{'causal' if row['causal'] else 'full'} {row['pass_']}")
+    if self.bar is not None:
+      self.bar.set_postfix_str(label, refresh=False)
+      self.bar.update(1)
+    elif not self.quiet:
+      result = (f"{row['tflops']:.1f} TFLOP/s" if "tflops" in row
+                else row.get("error", "")[:60])
+      print(f"[{self.done}/{self.total}] {label}: {result}", file=sys.stderr,
+            flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--output", default="benchmark.json")
-  parser.add_argument("--impls", default="fa2-triton,cudnn,xla")
-  parser.add_argument("--seq-lens", default="1024,4096,16384")
-  parser.add_argument("--head-dims", default="64,128")
-  parser.add_argument("--passes", default="fwd,fwd+bwd")
-  parser.add_argument("--variants", action="store_true",
-                      help="time causal mask variants (window, packed) "
-                      "against plain causal instead of the dense sweep")
-  args = parser.parse_args(argv)
-  rows = []
-  if args.variants:
-    return variant_sweep(args)
-  for seq_len in map(int, args.seq_lens.split(",")):
-    for head_dim in map(int, args.head_dims.split(",")):
-      for is_causal in (False, True):
-        for pass_ in args.passes.split(","):
-          for impl in args.impls.split(","):
-            row = run_case(impl, seq_len=seq_len, head_dim=head_dim,
-                           is_causal=is_causal, pass_=pass_)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-  with open(args.output, "w") as f:
-    json.dump(dict(environment=environment(), rows=rows), f, indent=1)
-  print(ratio_table(rows))
+def speed_sweep(impls, *, seq_lens, head_dims, causals, passes, **case_kwargs):
+  cases = [(t, h, c, p, i) for t in seq_lens for h in head_dims
+           for c in causals for p in passes for i in impls]
+  progress, rows = _Progress(len(cases)), []
+  for seq_len, head_dim, is_causal, pass_, impl in cases:
+    row = run_case(impl, seq_len=seq_len, head_dim=head_dim,
+                   is_causal=is_causal, pass_=pass_, **case_kwargs)
+    rows.append(row)
+    progress.step(row)
+  progress.close()
+  return rows
 
 
-def variant_sweep(args):
+def variant_sweep(*, seq_lens, head_dims, passes, **case_kwargs):
   """Causal attention with a window or packed documents vs plain causal."""
   rows = []
-  for seq_len in map(int, args.seq_lens.split(",")):
-    for head_dim in map(int, args.head_dims.split(",")):
-      for pass_ in args.passes.split(","):
+  for seq_len in seq_lens:
+    for head_dim in head_dims:
+      for pass_ in passes:
         for variant in (None, *VARIANTS):
           impls = ["fa2-triton"] + (["cudnn"] if variant in (
               None, "window-1k") else [])
           for impl in impls:
-            row = run_case(impl, seq_len=seq_len, head_dim=head_dim,
-                           is_causal=True, pass_=pass_, variant=variant)
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-  with open(args.output, "w") as f:
-    json.dump(dict(environment=environment(), rows=rows), f, indent=1)
-  print("| seq | head_dim | pass | impl | variant | ms | speed-up vs causal |")
-  print("|---|---|---|---|---|---|---|")
+            rows.append(run_case(impl, seq_len=seq_len, head_dim=head_dim,
+                                 is_causal=True, pass_=pass_, variant=variant,
+                                 **case_kwargs))
+  return rows
+
+
+def variant_table(rows):
+  lines = ["| seq | head_dim | pass | impl | variant | ms | speed-up vs causal |",
+           "|---|---|---|---|---|---|---|"]
   base = {(r["impl"], r["seq_len"], r["head_dim"], r["pass_"]): r
           for r in rows if "variant" not in r and "ms" in r}
   for r in rows:
     ref = base.get((r["impl"], r["seq_len"], r["head_dim"], r["pass_"]))
-    speedup = (f"{ref['ms'] / r['ms']:.1f}x" if ref and "ms" in r else "-")
+    speedup = f"{ref['ms'] / r['ms']:.1f}x" if ref and "ms" in r else "-"
     ms = f"{r['ms']:.2f}" if "ms" in r else r.get("error", "-")[:40]
-    print(f"| {r['seq_len']} | {r['head_dim']} | {r['pass_']} | {r['impl']} "
-          f"| {r.get('variant', 'causal')} | {ms} | {speedup} |")
+    lines.append(f"| {r['seq_len']} | {r['head_dim']} | {r['pass_']} | "
+                 f"{r['impl']} | {r.get('variant', 'causal')} | {ms} | "
+                 f"{speedup} |")
+  return "\n".join(lines)
+
+
+def _ints(text):
+  return tuple(int(x) for x in text.split(","))
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog="fa2-jax-benchmark", description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  parser.add_argument("--output-dir", default="benchmark-results")
+  parser.add_argument("--impls", default=None,
+                      help="comma-separated; default: every available one")
+  parser.add_argument("--seq-lens", type=_ints, default=SEQ_LENS)
+  parser.add_argument("--head-dims", type=_ints, default=HEAD_DIMS)
+  parser.add_argument("--causal", choices=("both", "true", "false"),
+                      default="both")
+  parser.add_argument("--passes", default=",".join(timing.PASSES))
+  parser.add_argument("--tokens", type=int, default=TOKENS)
+  parser.add_argument("--hidden", type=int, default=HIDDEN)
+  parser.add_argument("--batch", type=int, default=None,
+                      help="fixed batch instead of tokens // seqlen")
+  parser.add_argument("--heads", type=int, default=None,
+                      help="fixed heads instead of hidden // head_dim")
+  parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--memory-seq-lens", type=_ints,
+                      default=MEMORY_SEQ_LENS)
+  parser.add_argument("--memory-head-dim", type=int, default=128)
+  parser.add_argument("--no-memory", action="store_true")
+  parser.add_argument("--no-speed", action="store_true")
+  parser.add_argument("--quick", action="store_true",
+                      help="a small sweep (interpret mode off a GPU)")
+  parser.add_argument("--variants", action="store_true",
+                      help="causal with a 1k window / 8 packed documents vs "
+                      "plain causal, instead of the sweep")
+  parser.add_argument("--compare", metavar="RESULTS_JSON", default=None,
+                      help="print the ratio tables of a results.json; no run")
+  parser.add_argument("--baseline", default="cudnn")
+  args = parser.parse_args(argv)
+  if args.quick:  # the quick sweep's sizes, where not given explicitly
+    for key, value in QUICK.items():
+      if key in vars(args) and getattr(args, key) == parser.get_default(key):
+        setattr(args, key, value)
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.compare:
+    with open(args.compare) as f:
+      rows = json.load(f)["rows"]
+    print(report.ratio_tables(rows, baseline=args.baseline))
+    mem = [r for r in rows if r.get("kind") == "memory"]
+    if mem:
+      print()
+      print(report.memory_table(mem))
+    return rows
+  on_gpu = jax.default_backend() == "gpu"
+  interpret = not on_gpu
+  calls, trials = (QUICK["calls"], QUICK["trials"]) if args.quick else (10, 5)
+  impls = (args.impls.split(",") if args.impls
+           else implementations.available(on_gpu))
+  dtype = jnp.dtype(args.dtype)
+  case_kwargs = dict(dtype=dtype, tokens=args.tokens, hidden=args.hidden,
+                     batch=args.batch, heads=args.heads, interpret=interpret,
+                     calls=calls, trials=trials)
+  passes = args.passes.split(",")
+  os.makedirs(args.output_dir, exist_ok=True)
+  env = environment()
+  if args.variants:
+    rows = variant_sweep(seq_lens=args.seq_lens, head_dims=args.head_dims,
+                         passes=passes, **case_kwargs)
+    path = os.path.join(args.output_dir, "variants.json")
+    with open(path, "w") as f:
+      json.dump(dict(environment=env, rows=rows), f, indent=1)
+    print(variant_table(rows))
+    return rows
+  causals = {"both": (False, True), "true": (True,), "false": (False,)}[
+      args.causal]
+  rows = []
+  if not args.no_speed:
+    rows += speed_sweep(impls, seq_lens=args.seq_lens,
+                        head_dims=args.head_dims, causals=causals,
+                        passes=passes, **case_kwargs)
+  mem_rows = []
+  if not args.no_memory:
+    head_dim = args.memory_head_dim if not args.quick else args.head_dims[0]
+    heads = args.heads or max(1, args.hidden // head_dim)
+    mem_rows = memory.sweep(
+        [i for i in impls if not i.endswith("mosaic")],
+        seq_lens=args.memory_seq_lens, batch=args.batch or 1, heads=heads,
+        head_dim=head_dim, is_causal=False, dtype=dtype, interpret=interpret)
+    for r in mem_rows:
+      r.update(kind="memory", **env)
+  with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+    json.dump(dict(environment=env, rows=rows + mem_rows), f, indent=1)
+  from fa2_jax.bench import plots  # matplotlib only when plotting
+  title = f"({env['device']}, {jnp.dtype(dtype).name})"
+  for pass_ in passes:
+    plots.speed_figure(rows, pass_, os.path.join(
+        args.output_dir, f"speed_{pass_}.png"), title)
+  if not args.no_memory:
+    plots.memory_figure(mem_rows, os.path.join(args.output_dir, "memory.png"),
+                        title)
+  if rows:
+    print(report.ratio_tables(rows, baseline=args.baseline))
+  if mem_rows:
+    print()
+    print(report.memory_table(mem_rows))
+  return rows + mem_rows
 
 
 if __name__ == "__main__":

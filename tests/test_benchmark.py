@@ -1,0 +1,51 @@
+"""The benchmark CLI's --quick path writes valid JSON and PNGs; --compare
+reads them back. (Speed itself is measured on a GPU, not asserted here.)"""
+import json
+
+import pytest
+
+from fa2_jax import benchmark
+from fa2_jax.bench import timing
+
+
+def test_quick_writes_json_and_plots(tmp_path, capsys):
+  out = tmp_path / "quick"
+  benchmark.main(["--quick", "--output-dir", str(out), "--seq-lens", "128",
+                  "--causal", "true", "--impls", "fa2-triton,xla,fa2-mosaic"])
+  results = json.loads((out / "results.json").read_text())
+  rows = results["rows"]
+  assert results["environment"]["jax"]
+  speed = [r for r in rows if r.get("kind") != "memory"]
+  assert {(r["impl"], r["pass_"]) for r in speed} == {
+      (i, p) for i in ("fa2-triton", "xla", "fa2-mosaic")
+      for p in ("fwd", "bwd", "fwd+bwd")}
+  for r in speed:
+    assert r["seq_len"] == 128 and r["causal"] is True and r["device"]
+    if r["impl"] == "fa2-mosaic":  # not implemented yet: recorded, no crash
+      assert "NotImplementedError" in r["error"]
+    else:
+      assert r["ms"] > 0 and r["tflops"] > 0, r
+  memory = [r for r in rows if r.get("kind") == "memory"]
+  assert {r["impl"] for r in memory} == {"fa2-triton", "xla"}
+  for name in ("speed_fwd.png", "speed_bwd.png", "speed_fwd+bwd.png",
+               "memory.png"):
+    assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| 128 | 64 | True | fwd+bwd |" in capsys.readouterr().out
+  benchmark.main(["--compare", str(out / "results.json"), "--baseline", "xla"])
+  table = capsys.readouterr().out
+  assert "fa2-triton / xla" in table and "| 128 | 64 | True | bwd |" in table
+
+
+def test_flop_counts_follow_the_paper():
+  f = timing.flops(2, 1024, 16, 64, is_causal=False, pass_="fwd")
+  assert f == 4 * 2 * 16 * 1024 * 1024 * 64
+  assert timing.flops(2, 1024, 16, 64, is_causal=True, pass_="bwd") == (
+      pytest.approx(f / 2 * 2.5))
+  assert timing.flops(2, 1024, 16, 64, is_causal=False,
+                      pass_="fwd+bwd") == pytest.approx(3.5 * f)
+
+
+def test_failures_are_recorded_not_raised():
+  row = benchmark.run_case("no-such-impl", seq_len=64, head_dim=32,
+                           is_causal=False, pass_="fwd")
+  assert row["error"].startswith("ValueError: unknown implementation")
