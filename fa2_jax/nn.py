@@ -17,7 +17,6 @@
 """
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 

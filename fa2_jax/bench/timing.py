@@ -9,7 +9,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 ROTATIONS = 3
