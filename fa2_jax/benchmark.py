@@ -3,7 +3,7 @@ jax.nn.dot_product_attention (cuDNN, XLA) and the installed peers.
 
     python -m fa2_jax.benchmark --output-dir results/     # the full sweep
     fa2-jax-benchmark --quick --output-dir /tmp/quick     # small; CPU-friendly
-    python -m fa2_jax.benchmark --compare results/results.json
+    python -m fa2_jax.benchmark --compare results/results.json --output-dir results/
     python -m fa2_jax.benchmark --variants --output-dir results/
 
 Shapes as in the FlashAttention-2 paper: `--tokens` (batch x seqlen, 16k) at
@@ -12,7 +12,8 @@ Shapes as in the FlashAttention-2 paper: `--tokens` (batch x seqlen, 16k) at
 when causal; bwd 2.5x, fwd+bwd 3.5x). Each case: two warm-up calls, then the
 median over trials of back-to-back calls cycling through 3 input sets. Cases
 that fail or run out of memory are recorded with their error. Writes
-results.json (every row, with the device and versions), speed_<pass>.png,
+results.json (every row, with the device and versions), speed_<pass>.png
+(speed_fwd.png, speed_bwd.png, speed_fwd_bwd.png),
 memory.png, and prints ratio tables against cuDNN.
 """
 import argparse
@@ -166,6 +167,19 @@ def variant_table(rows):
   return "\n".join(lines)
 
 
+def write_plots(rows, mem_rows, output_dir, passes, title=""):
+  """speed_<pass>.png per pass ('+' spelled '_') and memory.png (unless
+  mem_rows is None or empty)."""
+  from fa2_jax.bench import plots  # matplotlib only when plotting
+  os.makedirs(output_dir, exist_ok=True)
+  for pass_ in passes:
+    plots.speed_figure(rows, pass_, os.path.join(
+        output_dir, f"speed_{pass_.replace('+', '_')}.png"), title)
+  if mem_rows is not None:
+    plots.memory_figure(mem_rows, os.path.join(output_dir, "memory.png"),
+                        title)
+
+
 def _ints(text):
   return tuple(int(x) for x in text.split(","))
 
@@ -200,7 +214,8 @@ def parse_args(argv):
                       help="causal with a 1k window / 8 packed documents vs "
                       "plain causal, instead of the sweep")
   parser.add_argument("--compare", metavar="RESULTS_JSON", default=None,
-                      help="print the ratio tables of a results.json; no run")
+                      help="no run: print the ratio tables of a results.json "
+                      "and redraw its plots into --output-dir")
   parser.add_argument("--baseline", default="cudnn")
   args = parser.parse_args(argv)
   if args.quick:  # the quick sweep's sizes, where not given explicitly
@@ -212,11 +227,17 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(argv)
+  # The memory workers are separate processes: this one must not reserve
+  # most of the GPU up front (JAX's default), or they would starve.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if args.compare:
     with open(args.compare) as f:
       rows = json.load(f)["rows"]
-    print(report.ratio_tables(rows, baseline=args.baseline))
     mem = [r for r in rows if r.get("kind") == "memory"]
+    speed = [r for r in rows if r.get("kind") != "memory"]
+    write_plots(speed, mem, args.output_dir, timing.PASSES,
+                title=f"({rows[0].get('device', '')})" if rows else "")
+    print(report.ratio_tables(speed, baseline=args.baseline))
     if mem:
       print()
       print(report.memory_table(mem))
@@ -243,13 +264,8 @@ def main(argv=None):
     return rows
   causals = {"both": (False, True), "true": (True,), "false": (False,)}[
       args.causal]
-  rows = []
-  if not args.no_speed:
-    rows += speed_sweep(impls, seq_lens=args.seq_lens,
-                        head_dims=args.head_dims, causals=causals,
-                        passes=passes, **case_kwargs)
   mem_rows = []
-  if not args.no_memory:
+  if not args.no_memory:  # first, while this process holds little memory
     head_dim = args.memory_head_dim if not args.quick else args.head_dims[0]
     heads = args.heads or max(1, args.hidden // head_dim)
     mem_rows = memory.sweep(
@@ -258,16 +274,16 @@ def main(argv=None):
         head_dim=head_dim, is_causal=False, dtype=dtype, interpret=interpret)
     for r in mem_rows:
       r.update(kind="memory", **env)
+  rows = []
+  if not args.no_speed:
+    rows += speed_sweep(impls, seq_lens=args.seq_lens,
+                        head_dims=args.head_dims, causals=causals,
+                        passes=passes, **case_kwargs)
   with open(os.path.join(args.output_dir, "results.json"), "w") as f:
     json.dump(dict(environment=env, rows=rows + mem_rows), f, indent=1)
-  from fa2_jax.bench import plots  # matplotlib only when plotting
-  title = f"({env['device']}, {jnp.dtype(dtype).name})"
-  for pass_ in passes:
-    plots.speed_figure(rows, pass_, os.path.join(
-        args.output_dir, f"speed_{pass_}.png"), title)
-  if not args.no_memory:
-    plots.memory_figure(mem_rows, os.path.join(args.output_dir, "memory.png"),
-                        title)
+  write_plots(rows, mem_rows if not args.no_memory else None,
+              args.output_dir, passes,
+              title=f"({env['device']}, {jnp.dtype(dtype).name})")
   if rows:
     print(report.ratio_tables(rows, baseline=args.baseline))
   if mem_rows:

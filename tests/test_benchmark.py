@@ -27,7 +27,7 @@ def test_quick_writes_json_and_plots(tmp_path, capsys):
       assert r["ms"] > 0 and r["tflops"] > 0, r
   memory = [r for r in rows if r.get("kind") == "memory"]
   assert {r["impl"] for r in memory} == {"fa2-triton", "xla"}
-  for name in ("speed_fwd.png", "speed_bwd.png", "speed_fwd+bwd.png",
+  for name in ("speed_fwd.png", "speed_bwd.png", "speed_fwd_bwd.png",
                "memory.png"):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| 128 | 64 | True | fwd+bwd |" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import functools
 import importlib.util
 
 import jax
+import jax.numpy as jnp
 
 import fa2_jax
 
@@ -57,6 +58,9 @@ def _jax_pallas_mosaic(*, is_causal, interpret, block_sizes, **mask_kwargs):
   from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
 
   def fn(q, k, v):
+    if q.dtype != jnp.float16:
+      raise NotImplementedError(f"jax-pallas-mosaic takes float16 only, got "
+                                f"{q.dtype} (try --dtype float16)")
     config = mgpu.TuningConfig(block_q=128, block_kv=128,
                                max_concurrent_steps=2, causal=is_causal)
     # Its layout is [B, T, N, H] and its scale 1/sqrt(H), as here.

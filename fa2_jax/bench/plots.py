@@ -8,6 +8,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
+_COLORS = {"fa2-triton": "tab:orange", "fa2-mosaic": "tab:red",
+           "cudnn": "tab:green", "xla": "tab:brown",
+           "jax-pallas-triton": "tab:purple", "jax-pallas-mosaic": "tab:pink",
+           "tokamax": "tab:blue"}
+
+
+def _color(impl):
+  return _COLORS.get(impl, "tab:gray")
+
+
 def _impl_order(rows):
   names = sorted({r["impl"] for r in rows})
   return sorted(names, key=lambda n: (not n.startswith("fa2"), n))
@@ -19,20 +29,24 @@ def speed_figure(rows, pass_, path, title=""):
   rows = [r for r in rows if r.get("pass_") == pass_ and "variant" not in r]
   if not rows:
     return None
-  panels = sorted({(r["head_dim"], r["causal"]) for r in rows})
+  head_dims = sorted({r["head_dim"] for r in rows})
+  causals = sorted({r["causal"] for r in rows})
   impls = _impl_order(rows)
   seq_lens = sorted({r["seq_len"] for r in rows})
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6),
+  fig, axes = plt.subplots(len(causals), len(head_dims),
+                           figsize=(4.6 * len(head_dims), 3.2 * len(causals)),
                            squeeze=False)
   width = 0.8 / len(impls)
-  for ax, (head_dim, causal) in zip(axes[0], panels):
+  panels = [(ax, h, c) for row, c in zip(axes, causals)
+            for ax, h in zip(row, head_dims)]
+  for ax, head_dim, causal in panels:
     for i, impl in enumerate(impls):
       by_len = {r["seq_len"]: r for r in rows if r["impl"] == impl
                 and r["head_dim"] == head_dim and r["causal"] == causal}
       xs = [j + (i - (len(impls) - 1) / 2) * width
             for j in range(len(seq_lens))]
       heights = [by_len.get(t, {}).get("tflops", 0.0) for t in seq_lens]
-      bars = ax.bar(xs, heights, width, label=impl)
+      bars = ax.bar(xs, heights, width, label=impl, color=_color(impl))
       for bar, t in zip(bars, seq_lens):
         if "error" in by_len.get(t, {}):
           ax.annotate("OOM" if by_len[t]["error"].startswith("OOM") else "x",
@@ -45,7 +59,8 @@ def speed_figure(rows, pass_, path, title=""):
     ax.set_title(f"head_dim {head_dim}, {'causal' if causal else 'non-causal'}",
                  fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-  axes[0][0].set_ylabel("TFLOP/s")
+  for row in axes:
+    row[0].set_ylabel("TFLOP/s")
   axes[0][-1].legend(fontsize=7)
   fig.suptitle(f"attention {pass_} {title}".strip(), fontsize=10)
   fig.tight_layout()
@@ -63,7 +78,7 @@ def memory_figure(rows, path, title=""):
     pts = sorted((r["seq_len"], r["peak_bytes"]) for r in measured
                  if r["impl"] == impl)
     ax.plot([p[0] for p in pts], [p[1] / 2 ** 20 for p in pts], marker="o",
-            label=impl)
+            label=impl, color=_color(impl))
   if measured:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
