@@ -14,11 +14,15 @@
                                           num_kv_heads=2, is_causal=True,
                                           rngs=nnx.Rngs(0))
     y = layer(x, segment_ids=ids)            # x [B, T, 512], ids [B, T]
+
+`LinenMultiHeadAttention` is the same layer for linen.
 """
+import functools
 import math
+import typing
 
 import jax.numpy as jnp
-from flax import nnx
+from flax import linen, nnx
 
 from fa2_jax.attention import flash_attention
 
@@ -189,3 +193,53 @@ class MultiHeadAttention(nnx.Module):
         q_segment_ids=segment_ids, implementation=self.implementation,
         interpret=self.interpret, block_sizes=self.block_sizes, **dropout)
     return self.out(out)
+
+
+class LinenMultiHeadAttention(linen.Module):
+  """The linen twin of `MultiHeadAttention` (same arguments, minus rngs:
+  dropout draws from the "dropout" rng collection).
+
+  x [B, T, in_features] -> [B, T, out_features]; call as
+  `module.apply(params, x, segment_ids=None, mask=None, deterministic=True,
+  rngs={"dropout": key})`.
+  """
+  num_heads: int
+  num_kv_heads: int | None = None
+  qkv_features: int | None = None
+  out_features: int | None = None
+  is_causal: bool = False
+  dropout_rate: float = 0.0
+  use_bias: bool = False
+  dtype: typing.Any = None
+  param_dtype: typing.Any = jnp.float32
+  implementation: str | None = None
+  interpret: bool | None = None
+  block_sizes: typing.Any = None
+
+  @linen.compact
+  def __call__(self, x, *, segment_ids=None, mask=None,
+               deterministic: bool = True):
+    in_features = x.shape[-1]
+    qkv_features = self.qkv_features or in_features
+    num_kv_heads = self.num_kv_heads or self.num_heads
+    if qkv_features % self.num_heads or self.num_heads % num_kv_heads:
+      raise ValueError(
+          f"qkv_features ({qkv_features}) must be a multiple of num_heads "
+          f"({self.num_heads}), and num_heads of num_kv_heads "
+          f"({num_kv_heads})")
+    head_dim = qkv_features // self.num_heads
+    dense = functools.partial(linen.DenseGeneral, use_bias=self.use_bias,
+                              dtype=self.dtype, param_dtype=self.param_dtype)
+    query = dense((self.num_heads, head_dim), name="query")(x)
+    key = dense((num_kv_heads, head_dim), name="key")(x)
+    value = dense((num_kv_heads, head_dim), name="value")(x)
+    dropout = {}
+    if self.dropout_rate > 0.0 and not deterministic:
+      dropout = dict(dropout_rate=self.dropout_rate,
+                     dropout_rng=self.make_rng("dropout"))
+    out = flash_attention(
+        query, key, value, mask=mask, is_causal=self.is_causal,
+        q_segment_ids=segment_ids, implementation=self.implementation,
+        interpret=self.interpret, block_sizes=self.block_sizes, **dropout)
+    return dense(self.out_features or in_features, axis=(-2, -1),
+                 name="out")(out)

@@ -165,3 +165,36 @@ def test_module_bad_heads():
                      r"of num_kv_heads \(3\)"):
     fa2_jax.nn.MultiHeadAttention(num_heads=4, in_features=D, num_kv_heads=3,
                                   rngs=nnx.Rngs(0))
+
+
+def test_linen_module_matches_nnx_module(interpret):
+  """The linen twin computes what the nnx module does with the same weights."""
+  x = _x(7)
+  ids = jnp.asarray([[0] * 20 + [1] * 17, [0] * 37], jnp.int32)
+  kw = dict(num_heads=HEADS, num_kv_heads=2, is_causal=True,
+            implementation="triton", interpret=interpret)
+  nnx_layer = fa2_jax.nn.MultiHeadAttention(in_features=D, rngs=nnx.Rngs(0),
+                                            **kw)
+  linen_layer = fa2_jax.nn.LinenMultiHeadAttention(**kw)
+  params = linen_layer.init(jax.random.key(0), x)
+  for name in ("query", "key", "value", "out"):
+    params["params"][name]["kernel"] = getattr(nnx_layer, name).kernel[...]
+  with jax.default_matmul_precision("highest"):
+    got = linen_layer.apply(params, x, segment_ids=ids)
+    want = nnx_layer(x, segment_ids=ids)
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_linen_module_dropout(interpret):
+  x = _x(8)
+  layer = fa2_jax.nn.LinenMultiHeadAttention(
+      num_heads=HEADS, dropout_rate=0.5, implementation="triton",
+      interpret=interpret)
+  params = layer.init(jax.random.key(0), x)
+  plain = layer.apply(params, x)
+  a = layer.apply(params, x, deterministic=False,
+                  rngs={"dropout": jax.random.key(1)})
+  b = layer.apply(params, x, deterministic=False,
+                  rngs={"dropout": jax.random.key(1)})
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, plain)
