@@ -17,7 +17,6 @@ separate launch so that it runs only when that gradient is asked for.
 """
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -228,8 +227,8 @@ def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None,
       in_specs=[q_group, kv_tile, kv_tile, q_group, stats_group, stats_group,
                 *specs],
       out_specs=[kv_tile, kv_tile],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      out_shape=[tiles.out_struct(k.shape, k.dtype, q),
+                 tiles.out_struct(v.shape, v.dtype, q)],
       compiler_params=params,
       interpret=interpret,
       name="fa2_backward_dkdv",
@@ -290,14 +289,14 @@ def _query_major_call(q, k, v, do, lse, delta, variants, *, mask, score,
   if emit_ds:
     ds_spec = pl.BlockSpec((None, None, bq, seq_len_k_padded),
                            lambda i, b, h: (b, h, q_block(i), 0))
-    out_shape = jax.ShapeDtypeStruct((batch, num_heads, seq_len_q, seq_len_k),
-                                     jnp.float32)
+    out_shape = tiles.out_struct((batch, num_heads, seq_len_q, seq_len_k),
+                                 jnp.float32, q)
     aliases = {len(inputs): 0}
     inputs.append(jnp.zeros(out_shape.shape, out_shape.dtype))
     in_specs.append(ds_spec)
     out_spec = ds_spec
   else:
-    out_shape, out_spec, aliases = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+    out_shape, out_spec, aliases = (tiles.out_struct(q.shape, q.dtype, q),
                                     q_tile, {})
   return pl.pallas_call(
       functools.partial(dq_kernel, mask=mask, score=score, dropout=dropout,

@@ -7,7 +7,6 @@ writes only O and the natural-log LSE.
 """
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -152,8 +151,8 @@ def forward(q, k, v, segments=None, alibi_slopes=None, bias=None,
                        lambda i, b, h: (b, h, q_block(i))),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct(q.shape, q.dtype),
-          jax.ShapeDtypeStruct((batch, num_heads, seq_len_q), jnp.float32),
+          tiles.out_struct(q.shape, q.dtype, q),
+          tiles.out_struct((batch, num_heads, seq_len_q), jnp.float32, q),
       ],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),

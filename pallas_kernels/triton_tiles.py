@@ -10,6 +10,7 @@ import functools
 import math
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -44,6 +45,13 @@ def heavy_first(program, num_programs):
   maps, so that the two agree.
   """
   return num_programs - 1 - program
+
+
+def out_struct(shape, dtype, like):
+  """A kernel output's ShapeDtypeStruct, varying over the same `shard_map`
+  axes as `like` (an input), so the kernels run inside shard_map."""
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              manual_axis_type=jax.typeof(like).mat)
 
 
 def indices(start, size: int):
