@@ -39,11 +39,29 @@ class KernelConfig:
                 interpret=self.interpret)
 
 
-def _forward(q, k, v, variants, config: KernelConfig):
+def run_forward(q, k, v, variants, config: KernelConfig):
+  """(out, lse) from the forward kernel; `variants` holds its optional arrays
+  by keyword (bias, segments, alibi_slopes, mask_array, seeds)."""
   bs = config.block_sizes
   return triton_forward.forward(
       q, k, v, **variants, block_q=bs.block_q, block_k=bs.block_k,
       num_warps=bs.num_warps, num_stages=bs.num_stages, **config.rules())
+
+
+def _backward_params(variants, config: KernelConfig):
+  bs = config.block_sizes
+  return dict(num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,
+              **variants, **config.rules())
+
+
+def run_backward(q, k, v, do, lse, delta, variants, config: KernelConfig):
+  """(dq, dk, dv) from the backward kernels, given the LSE and
+  delta = rowsum(dO O) [B, N, T] (possibly of a larger attention: ring)."""
+  bs = config.block_sizes
+  return triton_backward.backward(
+      q, k, v, do, lse, delta, block_q_dkv=bs.block_q_dkv,
+      block_k_dkv=bs.block_k_dkv, block_q_dq=bs.block_q_dq,
+      block_k_dq=bs.block_k_dq, **_backward_params(variants, config))
 
 
 def _variants(bias, segments, slopes, mask_array, seeds):
@@ -61,8 +79,8 @@ def triton_attention(q, k, v, bias, segments, slopes, mask_array, seeds,
   `slopes` None or [B, N] float32 ALiBi slopes; `mask_array` None or
   [Bm, Nm, Tm, Sm] bool; `seeds` None or [2] int32 dropout seeds.
   """
-  return _forward(q, k, v, _variants(bias, segments, slopes, mask_array,
-                                     seeds), config)
+  return run_forward(q, k, v, _variants(bias, segments, slopes, mask_array,
+                                        seeds), config)
 
 
 def _value(primal):
@@ -76,39 +94,32 @@ def _attention_fwd(q, k, v, bias, segments, slopes, mask_array, seeds,
   q, k, v, bias, segments, slopes, mask_array, seeds = _value(
       (q, k, v, bias, segments, slopes, mask_array, seeds))
   variants = _variants(bias, segments, slopes, mask_array, seeds)
-  out, lse = _forward(q, k, v, variants, config)
-  # The pytree structure is static: a bias that needs no gradient is saved
-  # under "bias" and a differentiated one under "bias_grad".
-  variants["bias_grad" if bias_grad else "bias"] = variants.pop("bias")
-  return (out, lse), (q, k, v, variants, out, lse)
+  out, lse = run_forward(q, k, v, variants, config)
+  # Saved twice when differentiated: the pytree structure (None or not) is
+  # static, so the backward knows whether to run the dS kernel.
+  grad_bias = bias if bias_grad else None
+  return (out, lse), (q, k, v, variants, out, lse, grad_bias)
 
 
 def _attention_bwd(config: KernelConfig, residuals, cotangents):
-  q, k, v, variants, out, lse = residuals
+  q, k, v, variants, out, lse, grad_bias = residuals
   d_out, d_lse = cotangents
-  bias_grad = "bias_grad" in variants
-  bias = variants.pop("bias_grad" if bias_grad else "bias")
-  variants["bias"] = bias
   if isinstance(d_out, SymbolicZero):
     d_out = jnp.zeros(out.shape, out.dtype)
   delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
   delta = jnp.transpose(delta, (0, 2, 1))  # [B, N, T]
   if not isinstance(d_lse, SymbolicZero):
     delta = delta - d_lse
-  bs = config.block_sizes
   args = (q, k, v, d_out.astype(q.dtype), lse, delta)
-  kernel_params = dict(num_warps=bs.num_warps_bwd,
-                       num_stages=bs.num_stages_bwd, **variants,
-                       **config.rules())
-  dq, dk, dv = triton_backward.backward(
-      *args, block_q_dkv=bs.block_q_dkv, block_k_dkv=bs.block_k_dkv,
-      block_q_dq=bs.block_q_dq, block_k_dq=bs.block_k_dq, **kernel_params)
+  dq, dk, dv = run_backward(*args, variants, config)
   d_bias = None
-  if bias_grad:
+  if grad_bias is not None:
     ds = triton_backward.bias_gradient(
-        *args, block_q=bs.block_q_dq, block_k=bs.block_k_dq, **kernel_params)
-    axes = tuple(a for a in range(4) if bias.shape[a] == 1 != ds.shape[a])
-    d_bias = jnp.sum(ds, axis=axes, keepdims=True).astype(bias.dtype)
+        *args, block_q=config.block_sizes.block_q_dq,
+        block_k=config.block_sizes.block_k_dq,
+        **_backward_params(variants, config))
+    axes = tuple(a for a in range(4) if grad_bias.shape[a] == 1 != ds.shape[a])
+    d_bias = jnp.sum(ds, axis=axes, keepdims=True).astype(grad_bias.dtype)
   return dq, dk, dv, d_bias, None, None, None, None
 
 

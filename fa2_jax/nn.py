@@ -104,6 +104,30 @@ def flash_attention_fn(query, key, value, bias=None, mask=None,
   return out.reshape(*batch_shape, *out.shape[1:])
 
 
+def _head_shapes(num_heads, num_kv_heads, qkv_features, in_features):
+  """(num_kv_heads, head_dim) of the attention modules, validated."""
+  qkv_features = in_features if qkv_features is None else qkv_features
+  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  if qkv_features % num_heads:
+    raise ValueError(f"qkv_features ({qkv_features}) must be a multiple of "
+                     f"num_heads ({num_heads})")
+  if num_heads % num_kv_heads:
+    raise ValueError(f"num_heads ({num_heads}) must be a multiple of "
+                     f"num_kv_heads ({num_kv_heads})")
+  return num_kv_heads, qkv_features // num_heads
+
+
+def _attend(layer, query, key, value, mask, segment_ids, dropout_rng):
+  """flash_attention with a module's settings (is_causal, dropout_rate,
+  implementation, interpret, block_sizes); dropout iff a key is given."""
+  dropout = ({} if dropout_rng is None else
+             dict(dropout_rate=layer.dropout_rate, dropout_rng=dropout_rng))
+  return flash_attention(
+      query, key, value, mask=mask, is_causal=layer.is_causal,
+      q_segment_ids=segment_ids, implementation=layer.implementation,
+      interpret=layer.interpret, block_sizes=layer.block_sizes, **dropout)
+
+
 class MultiHeadAttention(nnx.Module):
   """Multi-head attention (GQA/MQA-capable) on fa2-jax's kernels.
 
@@ -140,16 +164,9 @@ class MultiHeadAttention(nnx.Module):
                use_bias: bool = False, dtype=None, param_dtype=jnp.float32,
                implementation=None, interpret=None, block_sizes=None,
                attention_fn=None, rngs: nnx.Rngs):
-    qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if qkv_features % num_heads:
-      raise ValueError(f"qkv_features ({qkv_features}) must be a multiple of "
-                       f"num_heads ({num_heads})")
-    if num_heads % num_kv_heads:
-      raise ValueError(f"num_heads ({num_heads}) must be a multiple of "
-                       f"num_kv_heads ({num_kv_heads})")
-    head_dim = qkv_features // num_heads
+    num_kv_heads, head_dim = _head_shapes(num_heads, num_kv_heads,
+                                          qkv_features, in_features)
     linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                   rngs=rngs)
     self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim),
@@ -178,21 +195,15 @@ class MultiHeadAttention(nnx.Module):
     deterministic = self.deterministic if deterministic is None else (
         deterministic)
     query, key, value = self.query(x), self.key(x), self.value(x)
-    dropout = {}
-    if self.dropout_rate > 0.0 and not deterministic:
-      dropout = dict(dropout_rate=self.dropout_rate,
-                     dropout_rng=self.rngs())
     if self.attention_fn is not None:
       if segment_ids is not None:
         raise NotImplementedError("segment_ids need fa2-jax's attention, not "
                                   "a custom attention_fn")
       return self.out(self.attention_fn(query, key, value, mask=mask,
                                         is_causal=self.is_causal))
-    out = flash_attention(
-        query, key, value, mask=mask, is_causal=self.is_causal,
-        q_segment_ids=segment_ids, implementation=self.implementation,
-        interpret=self.interpret, block_sizes=self.block_sizes, **dropout)
-    return self.out(out)
+    rng = (self.rngs() if self.dropout_rate > 0.0 and not deterministic
+           else None)
+    return self.out(_attend(self, query, key, value, mask, segment_ids, rng))
 
 
 class LinenMultiHeadAttention(linen.Module):
@@ -220,26 +231,15 @@ class LinenMultiHeadAttention(linen.Module):
   def __call__(self, x, *, segment_ids=None, mask=None,
                deterministic: bool = True):
     in_features = x.shape[-1]
-    qkv_features = self.qkv_features or in_features
-    num_kv_heads = self.num_kv_heads or self.num_heads
-    if qkv_features % self.num_heads or self.num_heads % num_kv_heads:
-      raise ValueError(
-          f"qkv_features ({qkv_features}) must be a multiple of num_heads "
-          f"({self.num_heads}), and num_heads of num_kv_heads "
-          f"({num_kv_heads})")
-    head_dim = qkv_features // self.num_heads
+    num_kv_heads, head_dim = _head_shapes(self.num_heads, self.num_kv_heads,
+                                          self.qkv_features, in_features)
     dense = functools.partial(linen.DenseGeneral, use_bias=self.use_bias,
                               dtype=self.dtype, param_dtype=self.param_dtype)
     query = dense((self.num_heads, head_dim), name="query")(x)
     key = dense((num_kv_heads, head_dim), name="key")(x)
     value = dense((num_kv_heads, head_dim), name="value")(x)
-    dropout = {}
-    if self.dropout_rate > 0.0 and not deterministic:
-      dropout = dict(dropout_rate=self.dropout_rate,
-                     dropout_rng=self.make_rng("dropout"))
-    out = flash_attention(
-        query, key, value, mask=mask, is_causal=self.is_causal,
-        q_segment_ids=segment_ids, implementation=self.implementation,
-        interpret=self.interpret, block_sizes=self.block_sizes, **dropout)
+    rng = (self.make_rng("dropout")
+           if self.dropout_rate > 0.0 and not deterministic else None)
+    out = _attend(self, query, key, value, mask, segment_ids, rng)
     return dense(self.out_features or in_features, axis=(-2, -1),
                  name="out")(out)

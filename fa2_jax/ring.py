@@ -22,9 +22,9 @@ from jax import lax
 
 from fa2_jax import validation
 from fa2_jax.attention import _resolve_implementation
+from fa2_jax.autodiff import KernelConfig, run_backward, run_forward
 from fa2_jax.config import default_block_sizes
 from fa2_jax.reference import reference_attention
-from pallas_kernels import triton_backward, triton_forward
 from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
 from pallas_kernels.scores import ScoreRule
@@ -33,26 +33,27 @@ from pallas_kernels.scores import ScoreRule
 FULL, DIAGONAL, FUTURE = "full", "diagonal", "future"
 
 
-def _rules(q, k, scale, causal: bool):
-  mask = MaskRule(seq_len_q=q.shape[1], seq_len_k=k.shape[1],
-                  is_causal=causal)
-  return mask, ScoreRule(scale=scale)
+def _config(q, k, scale, causal: bool, interpret: bool) -> KernelConfig:
+  """The kernels' rules for one chunk pair (no variants: plain or causal)."""
+  return KernelConfig(
+      mask=MaskRule(seq_len_q=q.shape[1], seq_len_k=k.shape[1],
+                    is_causal=causal),
+      score=ScoreRule(scale=scale), dropout=DropoutRule(),
+      block_sizes=default_block_sizes(q.shape[-1], q.dtype),
+      interpret=interpret)
 
 
 def _pair_forward(q, k, v, *, scale, causal, implementation, interpret):
   """(out [B,T,N,H], lse [B,N,T] f32) of q's chunk against one kv chunk."""
-  mask, score = _rules(q, k, scale, causal)
+  config = _config(q, k, scale, causal, interpret)
   if implementation == "xla":
-    out, lse = reference_attention(q, k, v, mask=mask, score=score)
+    out, lse = reference_attention(q, k, v, mask=config.mask,
+                                   score=config.score)
     return out, lse.astype(jnp.float32)
-  bs = default_block_sizes(q.shape[-1], q.dtype)
-  return triton_forward.forward(
-      q, k, v, mask=mask, score=score, dropout=DropoutRule(),
-      block_q=bs.block_q, block_k=bs.block_k, num_warps=bs.num_warps,
-      num_stages=bs.num_stages, interpret=interpret)
+  return run_forward(q, k, v, {}, config)
 
 
-def _pair_backward_xla(q, k, v, do, lse, delta, *, scale, causal):
+def _pair_backward_xla(q, k, v, do, lse, delta, *, mask: MaskRule, scale):
   """dq, dk, dv of one chunk pair from the global lse and delta (jnp)."""
   batch, t, n, h = q.shape
   s, kh = k.shape[1], k.shape[2]
@@ -62,9 +63,8 @@ def _pair_backward_xla(q, k, v, do, lse, delta, *, scale, causal):
   dog = do.reshape(batch, t, kh, g, h).astype(f32)
   logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(f32)) * scale
   lse = lse.reshape(batch, kh, g, t)[..., None]
-  p = jnp.where(jnp.isneginf(lse), 0.0, jnp.exp(logits - lse))
-  if causal:
-    p = jnp.where(jnp.tril(jnp.ones((t, s), bool)), p, 0.0)
+  visible = mask.visible(jnp.arange(t)[:, None], jnp.arange(s)[None, :])
+  p = jnp.where(visible & ~jnp.isneginf(lse), jnp.exp(logits - lse), 0.0)
   dv = jnp.einsum("bkgts,btkgh->bskh", p, dog)
   dp = jnp.einsum("btkgh,bskh->bkgts", dog, v.astype(f32))
   ds = p * (dp - delta.reshape(batch, kh, g, t)[..., None])
@@ -76,17 +76,11 @@ def _pair_backward_xla(q, k, v, do, lse, delta, *, scale, causal):
 
 def _pair_backward(q, k, v, do, lse, delta, *, scale, causal, implementation,
                    interpret):
+  config = _config(q, k, scale, causal, interpret)
   if implementation == "xla":
-    return _pair_backward_xla(q, k, v, do, lse, delta, scale=scale,
-                              causal=causal)
-  mask, score = _rules(q, k, scale, causal)
-  bs = default_block_sizes(q.shape[-1], q.dtype)
-  return triton_backward.backward(
-      q, k, v, do, lse, delta, mask=mask, score=score, dropout=DropoutRule(),
-      block_q_dkv=bs.block_q_dkv, block_k_dkv=bs.block_k_dkv,
-      block_q_dq=bs.block_q_dq, block_k_dq=bs.block_k_dq,
-      num_warps=bs.num_warps_bwd, num_stages=bs.num_stages_bwd,
-      interpret=interpret)
+    return _pair_backward_xla(q, k, v, do, lse, delta, mask=config.mask,
+                              scale=scale)
+  return run_backward(q, k, v, do, lse, delta, {}, config)
 
 
 def _relation(step: int, is_causal: bool, index):

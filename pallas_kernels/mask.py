@@ -136,29 +136,30 @@ class MaskRule:
       ok = jnp.logical_and(ok, mask_tile)
     return ok
 
+  def _key_range(self, lo_pos, hi_pos):
+    """[lo, hi]: keys in S seen from position `lo_pos` on the left (window)
+    and `hi_pos` on the right (causal, window). With the block's first and
+    last positions: the keys some row sees; swapped, those every row sees."""
+    lo, hi = 0, self.seq_len_k - 1
+    if self.is_causal:
+      hi = _min(hi, hi_pos)
+    if self.window_right is not None:
+      hi = _min(hi, hi_pos + self.window_right)
+    if self.window_left is not None:
+      lo = _max(lo, lo_pos - self.window_left)
+    return lo, hi
+
   def key_blocks(self, q_block, block_q: int, block_k: int):
     """Key blocks that query block `q_block` visits (see the module doc)."""
     num_k_blocks = -(-self.seq_len_k // block_k)
     first_pos = q_block * block_q + self.offset
     last_pos = first_pos + block_q - 1
     # Visited: keys that some row of the block may see.
-    hi, lo = self.seq_len_k - 1, 0
-    if self.is_causal:
-      hi = _min(hi, last_pos)
-    if self.window_right is not None:
-      hi = _min(hi, last_pos + self.window_right)
-    if self.window_left is not None:
-      lo = _max(lo, first_pos - self.window_left)
+    lo, hi = self._key_range(first_pos, last_pos)
     start = _min(_floordiv_nonneg(lo, block_k), num_k_blocks)
     end = _clamp(_cdiv_nonneg(hi + 1, block_k), start, num_k_blocks)
     # Wholly visible: keys that every row of the block sees.
-    full_hi, full_lo = self.seq_len_k - 1, 0
-    if self.is_causal:
-      full_hi = _min(full_hi, first_pos)
-    if self.window_right is not None:
-      full_hi = _min(full_hi, first_pos + self.window_right)
-    if self.window_left is not None:
-      full_lo = _max(full_lo, last_pos - self.window_left)
+    full_lo, full_hi = self._key_range(last_pos, first_pos)
     full_start = _clamp(_cdiv_nonneg(full_lo, block_k), start, end)
     full_end = _clamp(_floordiv_nonneg(full_hi + 1, block_k), full_start, end)
     if not self.dense_blocks:  # element-wise rules: mask every block.

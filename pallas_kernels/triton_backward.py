@@ -266,29 +266,18 @@ def _query_major_call(q, k, v, do, lse, delta, variants, *, mask, score,
   """The dQ kernel's launch: one program per (query block, batch, query
   head); returns dQ [B, T, N, H], or (emit_ds) dS [B, N, T, S] float32."""
   batch, seq_len_q, num_heads, head_dim = q.shape
-  seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  hp = tiles.padded_head_dim(head_dim)
-  bq = tiles.tile_block(block_q, seq_len_q)
-  bk = tiles.tile_block(block_k, seq_len_k)
-  seq_len_k_padded = pl.cdiv(seq_len_k, bk) * bk
-  num_q_blocks = pl.cdiv(seq_len_q, bq)
-  q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
-  q_tile = pl.BlockSpec((None, bq, None, hp),
-                        lambda i, b, h: (b, q_block(i), h, 0))
-  kv_all = pl.BlockSpec((None, seq_len_k_padded, None, hp),
-                        lambda i, b, h: (b, 0, h // group, 0))
-  stats_tile = pl.BlockSpec((None, None, bq),
-                            lambda i, b, h: (b, h, q_block(i)))
+  seq_len_k = k.shape[1]
+  g = tiles.query_major_grid(q, k, block_q, block_k)
   specs, arrays = tiles.variant_inputs(
-      mask=mask, score=score, dropout=dropout, block_q=bq, block_k=bk,
-      seq_len_q=seq_len_q, seq_len_k=seq_len_k, group=group, query_major=True,
-      q_block=q_block, **variants)
+      mask=mask, score=score, dropout=dropout, block_q=g.block_q,
+      block_k=g.block_k, seq_len_q=seq_len_q, seq_len_k=seq_len_k,
+      group=g.group, query_major=True, q_block=g.q_block, **variants)
   inputs = [q, k, v, do, lse, delta, *arrays]
-  in_specs = [q_tile, kv_all, kv_all, q_tile, stats_tile, stats_tile, *specs]
+  in_specs = [g.q_spec, g.kv_spec, g.kv_spec, g.q_spec, g.stats_spec,
+              g.stats_spec, *specs]
   if emit_ds:
-    ds_spec = pl.BlockSpec((None, None, bq, seq_len_k_padded),
-                           lambda i, b, h: (b, h, q_block(i), 0))
+    ds_spec = pl.BlockSpec((None, None, g.block_q, g.seq_len_k_padded),
+                           lambda i, b, h: (b, h, g.q_block(i), 0))
     out_shape = tiles.out_struct((batch, num_heads, seq_len_q, seq_len_k),
                                  jnp.float32, q)
     aliases = {len(inputs): 0}
@@ -297,12 +286,12 @@ def _query_major_call(q, k, v, do, lse, delta, variants, *, mask, score,
     out_spec = ds_spec
   else:
     out_shape, out_spec, aliases = (tiles.out_struct(q.shape, q.dtype, q),
-                                    q_tile, {})
+                                    g.q_spec, {})
   return pl.pallas_call(
       functools.partial(dq_kernel, mask=mask, score=score, dropout=dropout,
-                        block_q=bq, block_k=bk, head_dim=head_dim,
-                        emit_ds=emit_ds),
-      grid=(num_q_blocks, batch, num_heads),
+                        block_q=g.block_q, block_k=g.block_k,
+                        head_dim=head_dim, emit_ds=emit_ds),
+      grid=g.grid,
       in_specs=in_specs,
       out_specs=out_spec,
       out_shape=out_shape,

@@ -119,37 +119,21 @@ def forward(q, k, v, segments=None, alibi_slopes=None, bias=None,
     out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
   """
   batch, seq_len_q, num_heads, head_dim = q.shape
-  seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
-  group = num_heads // num_kv_heads
-  head_dim_padded = tiles.padded_head_dim(head_dim)
-  block_q = tiles.tile_block(block_q, seq_len_q)
-  block_k = tiles.tile_block(block_k, seq_len_k)
-  seq_len_k_padded = pl.cdiv(seq_len_k, block_k) * block_k
-  num_q_blocks = pl.cdiv(seq_len_q, block_q)
-  q_block = lambda i: tiles.heavy_first(i, num_q_blocks)
-
+  g = tiles.query_major_grid(q, k, block_q, block_k)
   kernel = functools.partial(forward_kernel, mask=mask, score=score,
-                             dropout=dropout, block_q=block_q, block_k=block_k,
-                             head_dim=head_dim)
-  q_spec = pl.BlockSpec((None, block_q, None, head_dim_padded),
-                        lambda i, b, h: (b, q_block(i), h, 0))
-  kv_spec = pl.BlockSpec((None, seq_len_k_padded, None, head_dim_padded),
-                         lambda i, b, h: (b, 0, h // group, 0))
+                             dropout=dropout, block_q=g.block_q,
+                             block_k=g.block_k, head_dim=head_dim)
   specs, arrays = tiles.variant_inputs(
       mask=mask, score=score, dropout=dropout, segments=segments,
       alibi_slopes=alibi_slopes, bias=bias, mask_array=mask_array,
-      seeds=seeds, block_q=block_q, block_k=block_k,
-      seq_len_q=seq_len_q, seq_len_k=seq_len_k, group=group,
-      query_major=True, q_block=q_block)
+      seeds=seeds, block_q=g.block_q, block_k=g.block_k,
+      seq_len_q=seq_len_q, seq_len_k=k.shape[1], group=g.group,
+      query_major=True, q_block=g.q_block)
   return pl.pallas_call(
       kernel,
-      grid=(num_q_blocks, batch, num_heads),
-      in_specs=[q_spec, kv_spec, kv_spec, *specs],
-      out_specs=[
-          q_spec,
-          pl.BlockSpec((None, None, block_q),
-                       lambda i, b, h: (b, h, q_block(i))),
-      ],
+      grid=g.grid,
+      in_specs=[g.q_spec, g.kv_spec, g.kv_spec, *specs],
+      out_specs=[g.q_spec, g.stats_spec],
       out_shape=[
           tiles.out_struct(q.shape, q.dtype, q),
           tiles.out_struct((batch, num_heads, seq_len_q), jnp.float32, q),

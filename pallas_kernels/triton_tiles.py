@@ -54,6 +54,49 @@ def out_struct(shape, dtype, like):
                               manual_axis_type=jax.typeof(like).mat)
 
 
+class QueryMajorGrid(NamedTuple):
+  """Launch geometry of the kernels parallel over query blocks (forward, dQ).
+
+  grid: (query blocks, batch, query heads), query blocks heaviest first
+  (`q_block` maps a grid index to its block). block_q, block_k: the tiles
+  shrunk to the sequences. q_spec: a [block_q, Hp] tile of a [B, T, N, H]
+  array; kv_spec: all of S of kv head h // group of [B, S, K, H];
+  stats_spec: [block_q] of a [B, N, T] array.
+  """
+  grid: tuple
+  block_q: int
+  block_k: int
+  seq_len_k_padded: int
+  group: int
+  q_block: Any
+  q_spec: Any
+  kv_spec: Any
+  stats_spec: Any
+
+
+def query_major_grid(q, k, block_q: int, block_k: int) -> QueryMajorGrid:
+  """The `QueryMajorGrid` of q [B, T, N, H], k [B, S, K, H]."""
+  batch, seq_len_q, num_heads, head_dim = q.shape
+  seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  hp = padded_head_dim(head_dim)
+  block_q = tile_block(block_q, seq_len_q)
+  block_k = tile_block(block_k, seq_len_k)
+  seq_len_k_padded = pl.cdiv(seq_len_k, block_k) * block_k
+  num_q_blocks = pl.cdiv(seq_len_q, block_q)
+  q_block = lambda i: heavy_first(i, num_q_blocks)
+  return QueryMajorGrid(
+      grid=(num_q_blocks, batch, num_heads), block_q=block_q,
+      block_k=block_k, seq_len_k_padded=seq_len_k_padded, group=group,
+      q_block=q_block,
+      q_spec=pl.BlockSpec((None, block_q, None, hp),
+                          lambda i, b, h: (b, q_block(i), h, 0)),
+      kv_spec=pl.BlockSpec((None, seq_len_k_padded, None, hp),
+                           lambda i, b, h: (b, 0, h // group, 0)),
+      stats_spec=pl.BlockSpec((None, None, block_q),
+                              lambda i, b, h: (b, h, q_block(i))))
+
+
 def indices(start, size: int):
   """[size] int32: start, start+1, ..., start+size-1."""
   return start + lax.broadcasted_iota(jnp.int32, (size,), 0)
@@ -158,18 +201,22 @@ class OptionalRefs(NamedTuple):
 def split_optional_refs(refs, *, mask, score, dropout):
   """(OptionalRefs, the remaining refs), in the order `variant_inputs` feeds
   them: ALiBi slope, bias, mask array, 2 dropout seeds, 4 segment refs."""
-  refs = list(refs)
-  take = lambda on, n=1: (refs[:n] if n > 1 else refs[0]) if on else None
-  found = []
-  for on, n in ((score.alibi, 1), (score.has_bias, 1),
-                (mask.has_mask_array, 1), (dropout.active, 2),
-                (mask.has_segments, 4)):
-    found.append(take(on, n))
-    if on:
-      del refs[:n]
-  slope, bias, mask_array, seeds, segs = found
+  rest = list(refs)
+
+  def take(on: bool, n: int):
+    nonlocal rest
+    if not on:
+      return None
+    group, rest = rest[:n], rest[n:]
+    return group[0] if n == 1 else group
+
+  slope = take(score.alibi, 1)
+  bias = take(score.has_bias, 1)
+  mask_array = take(mask.has_mask_array, 1)
+  seeds = take(dropout.active, 2)
+  segs = take(mask.has_segments, 4)
   segs = None if segs is None else SegmentRefs(*segs)
-  return OptionalRefs(slope, bias, mask_array, seeds, segs), refs
+  return OptionalRefs(slope, bias, mask_array, seeds, segs), rest
 
 
 def dropout_base(opt: OptionalRefs, dropout, batch, head):

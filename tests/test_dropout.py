@@ -10,7 +10,8 @@ from pallas_kernels import dropout as dropout_lib
 
 
 def _kept(implementation, interpret, *, rate, seed, batch=2, heads=4,
-          kv_heads=2, seq_q=75, seq_k=64, is_causal=False):
+          kv_heads=2, seq_q=75, seq_k=64, is_causal=False,
+          broadcast=False):
   """The [B, N, T, S] keep mask a run actually applied.
 
   q = k = 0 makes P uniform (1 / S over visible keys) and V one-hot
@@ -25,6 +26,7 @@ def _kept(implementation, interpret, *, rate, seed, batch=2, heads=4,
   out = fa2_jax.flash_attention(q, k, v, dropout_rate=rate,
                                 dropout_rng=jax.random.key(seed),
                                 is_causal=is_causal,
+                                broadcast_dropout=broadcast,
                                 implementation=implementation, **kw)
   return np.asarray(out).transpose(0, 2, 1, 3) > 0
 
@@ -45,6 +47,19 @@ def test_kernel_drops_exactly_the_reference_entries(is_causal, interpret):
   # heads and batches draw different masks
   assert not np.array_equal(want[0, 0], want[0, 1])
   assert not np.array_equal(want[0, 0], want[1, 0])
+
+
+def test_broadcast_dropout_is_one_mask_in_kernel_and_reference(interpret):
+  kernel = _kept("triton", interpret, rate=0.3, seed=2, broadcast=True)
+  reference = _kept("xla", False, rate=0.3, seed=2, broadcast=True)
+  rule = dropout_lib.DropoutRule(rate=0.3, num_heads=4, broadcast=True)
+  want = np.asarray(dropout_lib.keep_mask(
+      rule, dropout_lib.seeds_from_key(jax.random.key(2)), 2, 75, 64))
+  np.testing.assert_array_equal(kernel, want)
+  np.testing.assert_array_equal(reference, want)
+  assert all(np.array_equal(want[0, 0], want[b, n])
+             for b in range(2) for n in range(4))
+  assert 0.6 < want.mean() < 0.8
 
 
 def test_keep_fraction_matches_rate(interpret):

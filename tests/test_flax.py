@@ -160,6 +160,25 @@ def test_module_segments_and_dropout(interpret):
     np.testing.assert_array_equal(module(x, segment_ids=ids), got)
 
 
+def test_module_with_custom_attention_fn():
+  """attention_fn runs the same layer on another attention; what only
+  fa2-jax can do raises."""
+  x = _x(9)
+  fn = functools.partial(jax.nn.dot_product_attention, implementation="xla")
+  layer = fa2_jax.nn.MultiHeadAttention(
+      num_heads=HEADS, in_features=D, num_kv_heads=2, is_causal=True,
+      attention_fn=fn, rngs=nnx.Rngs(0))
+  with jax.default_matmul_precision("highest"):
+    np.testing.assert_allclose(layer(x), _manual(layer, x, is_causal=True),
+                               atol=2e-5, rtol=2e-5)
+  with pytest.raises(NotImplementedError, match="segment_ids need fa2-jax"):
+    layer(x, segment_ids=jnp.zeros((B, T), jnp.int32))
+  with pytest.raises(NotImplementedError, match="dropout_rate > 0 needs"):
+    fa2_jax.nn.MultiHeadAttention(num_heads=HEADS, in_features=D,
+                                  dropout_rate=0.1, attention_fn=fn,
+                                  rngs=nnx.Rngs(0))
+
+
 def test_module_bad_heads():
   with pytest.raises(ValueError, match=r"num_heads \(4\) must be a multiple "
                      r"of num_kv_heads \(3\)"):

@@ -211,6 +211,9 @@ def test_padded_query_rows_output_zero(interpret):
      r"dropout_rate must be in \[0, 1\), got 1.0"),
     (dict(dropout_rate="0.1"), TypeError,
      "dropout_rate must be a Python float, got str"),
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0),
+          broadcast_dropout="yes"), TypeError,
+     "broadcast_dropout must be a bool, got 'yes'"),
     (dict(dropout_rate=0.1, dropout_rng=jnp.zeros((3,), jnp.uint32)),
      TypeError, r"dropout_rng must be one JAX PRNG key .* got uint32 \(3,\)"),
 ])
