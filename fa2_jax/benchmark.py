@@ -237,7 +237,8 @@ def main(argv=None):
     speed = [r for r in rows if r.get("kind") != "memory"]
     write_plots(speed, mem, args.output_dir, timing.PASSES,
                 title=f"({rows[0].get('device', '')})" if rows else "")
-    print(report.ratio_tables(speed, baseline=args.baseline))
+    if speed:
+      print(report.ratio_tables(speed, baseline=args.baseline))
     if mem:
       print()
       print(report.memory_table(mem))

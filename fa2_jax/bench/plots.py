@@ -49,7 +49,7 @@ def speed_figure(rows, pass_, path, title=""):
       bars = ax.bar(xs, heights, width, label=impl, color=_color(impl))
       for bar, t in zip(bars, seq_lens):
         if "error" in by_len.get(t, {}):
-          ax.annotate("OOM" if by_len[t]["error"].startswith("OOM") else "x",
+          ax.annotate(_failure_label(by_len[t]["error"]),
                       (bar.get_x() + width / 2, 0), ha="center", va="bottom",
                       fontsize=6)
     ax.set_xticks(range(len(seq_lens)))
@@ -69,16 +69,28 @@ def speed_figure(rows, pass_, path, title=""):
   return path
 
 
+def _failure_label(error):
+  """'OOM' for out-of-memory rows, 'x' for any other failure."""
+  return "OOM" if error.startswith("OOM") else "x"
+
+
 def memory_figure(rows, path, title=""):
-  """Peak memory lines; returns the path (a note in the figure when no
-  implementation could be measured, e.g. on a CPU)."""
+  """Peak memory lines, failed lengths marked at the top in the line's
+  color; returns the path (a note in the figure when no implementation
+  could be measured, e.g. on a CPU)."""
   fig, ax = plt.subplots(figsize=(5.2, 3.8))
   measured = [r for r in rows if "peak_bytes" in r]
+  failed = [r for r in rows if "error" in r and "seq_len" in r]
   for impl in _impl_order(measured):
     pts = sorted((r["seq_len"], r["peak_bytes"]) for r in measured
                  if r["impl"] == impl)
     ax.plot([p[0] for p in pts], [p[1] / 2 ** 20 for p in pts], marker="o",
             label=impl, color=_color(impl))
+    for r in failed:
+      if r["impl"] == impl:
+        ax.annotate(_failure_label(r["error"]), (r["seq_len"], 0.97),
+                    xycoords=ax.get_xaxis_transform(), ha="center",
+                    va="top", fontsize=7, color=_color(impl))
   if measured:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
