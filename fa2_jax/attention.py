@@ -141,7 +141,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
           f"float64 inputs are not supported by the {implementation!r} kernels;"
           f" use float32 or implementation='xla'")
     if block_sizes is None:
-      block_sizes = default_block_sizes(dims["H"], query.dtype)
+      block_sizes = default_block_sizes(dims["H"], query.dtype,
+                                        key_span=r.mask.key_span)
     config = KernelConfig(mask=r.mask, score=r.score, dropout=r.dropout,
                           block_sizes=block_sizes, interpret=interpret)
     a = r.arrays

@@ -52,8 +52,13 @@ class BlockSizes:
             f"BlockSizes.{field} must be an int in [1, 8], got {value!r}")
 
 
-def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None
-                        ) -> BlockSizes:
+# A local window at most this wide gives every program a loop of at most 16
+# key blocks of 128; there the per-program cost dominates (NOTES item 8).
+NARROW_BAND_KEYS = 2048
+
+
+def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None,
+                        *, key_span: int | None = None) -> BlockSizes:
   """The tiles fa2-jax uses when `block_sizes=None`.
 
   Args:
@@ -61,6 +66,10 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None
     dtype: the inputs' dtype; float32 tiles hold half as many keys.
     device_kind: `jax.Device.device_kind`; None reads the default device.
       Tuned on H100; other GPUs take the same tiles.
+    key_span: the most keys a query row can see (a local window's width,
+      `MaskRule.key_span`); None when unbounded. Narrow bands take 64x64
+      tiles: two programs per SM, so one's Q load and O store overlap the
+      other's loop.
   """
   wide = jnp.dtype(dtype).itemsize >= 4
   del device_kind  # One table for now, measured on an H100 at seqlen 4096
@@ -77,6 +86,11 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None
     sizes = BlockSizes(block_q=64, block_k=64, num_warps=8, num_stages=2,
                        block_q_dkv=32, block_k_dkv=64, block_q_dq=64,
                        block_k_dq=32, num_warps_bwd=8, num_stages_bwd=1)
+  if key_span is not None and key_span <= NARROW_BAND_KEYS and head_dim <= 128:
+    sizes = dataclasses.replace(
+        sizes, block_q=64, block_k=64, num_warps=4, num_stages=3,
+        block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
+        num_warps_bwd=4, num_stages_bwd=3 if head_dim <= 64 else 2)
   if wide:  # float32 tiles take twice the shared memory: halve, 2 stages.
     sizes = dataclasses.replace(
         sizes, block_k=max(16, sizes.block_k // 2),

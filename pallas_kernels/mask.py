@@ -88,6 +88,17 @@ class MaskRule:
     return not (self.has_segments or self.has_mask_array)
 
   @property
+  def key_span(self) -> int | None:
+    """The most keys one query row can see by position alone (a local
+    window's width, its right side capped by causality); None if unbounded."""
+    right = self.window_right
+    if self.is_causal:
+      right = 0 if right is None else min(right, 0)
+    if self.window_left is None or right is None:
+      return None
+    return max(0, self.window_left + right + 1)
+
+  @property
   def has_position_mask(self) -> bool:
     return (self.is_causal or self.window_left is not None
             or self.window_right is not None)

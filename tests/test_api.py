@@ -176,3 +176,15 @@ def test_memory_is_linear_in_sequence(interpret):
   one_score_matrix = 8192 * 8192 * 4
   assert 0 < temp_8k < one_score_matrix / 8, (temp_8k, one_score_matrix)
   assert temp_8k < 2.5 * temp_4k, (temp_4k, temp_8k)
+
+
+def test_narrow_windows_take_small_tiles():
+  dense = fa2_jax.default_block_sizes(128, jnp.bfloat16)
+  assert fa2_jax.default_block_sizes(128, jnp.bfloat16, key_span=None) == dense
+  assert fa2_jax.default_block_sizes(128, jnp.bfloat16, key_span=8193) == dense
+  band = fa2_jax.default_block_sizes(128, jnp.bfloat16, key_span=1025)
+  assert (band.block_q, band.block_k, band.num_warps) == (64, 64, 4)
+  assert (band.block_q_dkv, band.block_k_dq, band.num_stages_bwd) == (64, 64, 2)
+  # head_dim 256 keeps its own (smaller) tiles.
+  assert (fa2_jax.default_block_sizes(256, jnp.bfloat16, key_span=1025)
+          == fa2_jax.default_block_sizes(256, jnp.bfloat16))

@@ -96,3 +96,19 @@ def test_segment_block_ranges_packed_documents():
   for i, j in itertools.product(range(4), range(4)):
     if brute[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].any():
       assert key_range[0, i, 0] <= j < key_range[0, i, 1]
+
+
+@pytest.mark.parametrize("kwargs, span", [
+    (dict(is_causal=True), None),
+    (dict(), None),
+    (dict(window_left=1024), None),  # unbounded to the right
+    (dict(is_causal=True, window_left=1024), 1025),
+    (dict(is_causal=True, window_left=1024, window_right=8), 1025),
+    (dict(window_left=100, window_right=27), 128),
+    (dict(is_causal=True, window_left=10, window_right=-3), 8),
+])
+def test_key_span_is_the_widest_row(kwargs, span):
+  rule = MaskRule(seq_len_q=300, seq_len_k=300, **kwargs)
+  assert rule.key_span == span
+  if span is not None:  # no row sees more, and some row sees exactly that
+    assert visible_matrix(rule).sum(axis=1).max() == min(span, 300)
