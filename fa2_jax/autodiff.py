@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from fa2_jax import partitioning
 from fa2_jax.config import BlockSizes
 from pallas_kernels import triton_backward, triton_forward
 from pallas_kernels.dropout import DropoutRule
@@ -39,13 +40,24 @@ class KernelConfig:
                 interpret=self.interpret)
 
 
-def run_forward(q, k, v, variants, config: KernelConfig):
-  """(out, lse) from the forward kernel; `variants` holds its optional arrays
-  by keyword (bias, segments, alibi_slopes, mask_array, seeds)."""
-  bs = config.block_sizes
-  return triton_forward.forward(
-      q, k, v, **variants, block_q=bs.block_q, block_k=bs.block_k,
-      num_warps=bs.num_warps, num_stages=bs.num_stages, **config.rules())
+def _kernel_variants(a):
+  """The kernels' optional arrays by keyword, from a launch's named arrays."""
+  segments = None
+  if a.get("q_segments") is not None:
+    segments = (a["q_segments"], a["kv_segments"])
+  return dict(bias=a.get("bias"), segments=segments,
+              alibi_slopes=a.get("alibi_slopes"),
+              mask_array=a.get("mask_array"), seeds=a.get("seeds"))
+
+
+def _named(variants):
+  """A launch's named optional arrays, from `variants` (as run_forward's)."""
+  segments = variants.get("segments") or (None, None)
+  return dict(bias=variants.get("bias"), q_segments=segments[0],
+              kv_segments=segments[1],
+              alibi_slopes=variants.get("alibi_slopes"),
+              mask_array=variants.get("mask_array"),
+              seeds=variants.get("seeds"))
 
 
 def _backward_params(variants, config: KernelConfig):
@@ -54,14 +66,56 @@ def _backward_params(variants, config: KernelConfig):
               **variants, **config.rules())
 
 
+def _forward_launch(a, config: KernelConfig):
+  bs = config.block_sizes
+  return triton_forward.forward(
+      a["q"], a["k"], a["v"], **_kernel_variants(a), block_q=bs.block_q,
+      block_k=bs.block_k, num_warps=bs.num_warps, num_stages=bs.num_stages,
+      **config.rules())
+
+
+def _backward_launch(a, config: KernelConfig):
+  bs = config.block_sizes
+  return triton_backward.backward(
+      a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
+      block_q_dkv=bs.block_q_dkv, block_k_dkv=bs.block_k_dkv,
+      block_q_dq=bs.block_q_dq, block_k_dq=bs.block_k_dq,
+      **_backward_params(_kernel_variants(a), config))
+
+
+def _bias_gradient_launch(a, config: KernelConfig):
+  bs = config.block_sizes
+  return (triton_backward.bias_gradient(
+      a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
+      block_q=bs.block_q_dq, block_k=bs.block_k_dq,
+      **_backward_params(_kernel_variants(a), config)),)
+
+
+def run_forward(q, k, v, variants, config: KernelConfig):
+  """(out, lse) from the forward kernel; `variants` holds its optional arrays
+  by keyword (bias, segments, alibi_slopes, mask_array, seeds). Sharded over
+  batch and heads under jit (fa2_jax.partitioning)."""
+  return partitioning.launch(_forward_launch, config,
+                             dict(q=q, k=k, v=v, **_named(variants)),
+                             outputs=("out", "lse"))
+
+
 def run_backward(q, k, v, do, lse, delta, variants, config: KernelConfig):
   """(dq, dk, dv) from the backward kernels, given the LSE and
   delta = rowsum(dO O) [B, N, T] (possibly of a larger attention: ring)."""
-  bs = config.block_sizes
-  return triton_backward.backward(
-      q, k, v, do, lse, delta, block_q_dkv=bs.block_q_dkv,
-      block_k_dkv=bs.block_k_dkv, block_q_dq=bs.block_q_dq,
-      block_k_dq=bs.block_k_dq, **_backward_params(variants, config))
+  return partitioning.launch(
+      _backward_launch, config,
+      dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, **_named(variants)),
+      outputs=("dq", "dk", "dv"))
+
+
+def run_bias_gradient(q, k, v, do, lse, delta, variants, config: KernelConfig):
+  """dS [B, N, T, S] float32 (the bias gradient before its broadcast sums)."""
+  (ds,) = partitioning.launch(
+      _bias_gradient_launch, config,
+      dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, **_named(variants)),
+      outputs=("scores",))
+  return ds
 
 
 def _variants(bias, segments, slopes, mask_array, seeds):
@@ -114,10 +168,7 @@ def _attention_bwd(config: KernelConfig, residuals, cotangents):
   dq, dk, dv = run_backward(*args, variants, config)
   d_bias = None
   if grad_bias is not None:
-    ds = triton_backward.bias_gradient(
-        *args, block_q=config.block_sizes.block_q_dq,
-        block_k=config.block_sizes.block_k_dq,
-        **_backward_params(variants, config))
+    ds = run_bias_gradient(*args, variants, config)
     axes = tuple(a for a in range(4) if grad_bias.shape[a] == 1 != ds.shape[a])
     d_bias = jnp.sum(ds, axis=axes, keepdims=True).astype(grad_bias.dtype)
   return dq, dk, dv, d_bias, None, None, None, None
