@@ -2,9 +2,11 @@
 from fa2_jax.attention import flash_attention
 from fa2_jax.config import BlockSizes, default_block_sizes
 from fa2_jax.reference import attention_reference
-from fa2_jax.ring import ring_attention
+from fa2_jax.ring import (from_zigzag, ring_attention, ring_attention_fn,
+                          to_zigzag, zigzag_indices)
 
 __version__ = "0.1.0"
 
 __all__ = ["flash_attention", "BlockSizes", "default_block_sizes",
-           "attention_reference", "ring_attention", "__version__"]
+           "attention_reference", "ring_attention", "ring_attention_fn",
+           "to_zigzag", "from_zigzag", "zigzag_indices", "__version__"]

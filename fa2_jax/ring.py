@@ -13,10 +13,20 @@ i attends causally, chunks j < i attend in full. The backward is a ring too:
 with the final LSE and delta = rowsum(dO * O), each (i, j) pair gives its dQ,
 dK, dV exactly (FA2 Algorithm 2 with the global LSE); dK/dV accumulators travel
 with their chunk and arrive home after a full turn.
+
+Causal work is unbalanced in the contiguous layout (device i computes i + 1
+chunk pairs). The zig-zag layout (`layout="zigzag"`) cuts the sequence into
+2D chunks and gives device i chunks i and 2D-1-i (`to_zigzag` permutes the
+tokens, `from_zigzag` undoes it). Then step 0 is causal over the local pair,
+and every later step costs the same half of a full pair: from an earlier
+device, all local queries against its first chunk; from a later one, the
+local second chunk against both of its chunks.
 """
+import collections
 import functools
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
@@ -31,6 +41,38 @@ from pallas_kernels.scores import ScoreRule
 
 # How query chunk i relates to key chunk j under is_causal.
 FULL, DIAGONAL, FUTURE = "full", "diagonal", "future"
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
+  """[seq_len] int: the original position of each token in zig-zag order.
+
+  With D = num_shards and the sequence cut into 2D equal chunks, shard i of
+  the zig-zag order holds chunks i and 2D-1-i. Use it as the position ids of
+  the permuted tokens (RoPE, learned positions).
+  """
+  if seq_len % (2 * num_shards):
+    raise ValueError(f"the zig-zag layout needs seq_len divisible by "
+                     f"2 * num_shards = {2 * num_shards}, got {seq_len}")
+  chunks = np.arange(seq_len).reshape(2 * num_shards, -1)
+  order = [c for i in range(num_shards) for c in (i, 2 * num_shards - 1 - i)]
+  return chunks[order].reshape(-1)
+
+
+def to_zigzag(x, num_shards: int, axis: int = 1):
+  """x with its `axis` (the sequence) in zig-zag order (see zigzag_indices);
+  shard it contiguously over num_shards devices for ring_attention. Permute
+  before sharding (a numpy array stays numpy), e.g. the token ids, targets
+  and positions in the input pipeline: the model then runs in that order."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  return xp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
+
+
+def from_zigzag(x, num_shards: int, axis: int = 1):
+  """The inverse of `to_zigzag`: the original token order."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  inverse = np.argsort(zigzag_indices(x.shape[axis], num_shards))
+  return xp.take(x, inverse, axis=axis)
 
 
 def _config(q, k, scale, causal: bool, interpret: bool) -> KernelConfig:
@@ -114,8 +156,30 @@ def _shift(x, axis_name, n):
   return lax.ppermute(x, axis_name, [(d, (d + 1) % n) for d in range(n)])
 
 
-def _ring_forward(q, k, v, *, axis_name, is_causal, scale, implementation,
-                  interpret):
+def _halves(x, axis=1):
+  c = x.shape[axis] // 2
+  return lax.slice_in_dim(x, 0, c, axis=axis), lax.slice_in_dim(
+      x, c, 2 * c, axis=axis)
+
+
+def _zigzag_pair_forward(pair, q, k, v, earlier):
+  """A zig-zag step past the first: kv from an earlier device (all queries
+  against its first chunk) or a later one (the second query chunk against
+  both); full-size out and lse, -inf lse for rows not computed."""
+  def from_earlier(q, k, v):
+    return pair(q, _halves(k)[0], _halves(v)[0], causal=False)
+
+  def from_later(q, k, v):
+    q_a, q_b = _halves(q)
+    out_b, lse_b = pair(q_b, k, v, causal=False)
+    return (jnp.concatenate([jnp.zeros(q_a.shape, out_b.dtype), out_b], 1),
+            jnp.concatenate([jnp.full(lse_b.shape, -jnp.inf, lse_b.dtype),
+                             lse_b], 2))
+  return lax.cond(earlier, from_earlier, from_later, q, k, v)
+
+
+def _ring_forward(q, k, v, *, axis_name, is_causal, layout, scale,
+                  implementation, interpret):
   n = lax.axis_size(axis_name)
   index = lax.axis_index(axis_name)
   pair = functools.partial(_pair_forward, scale=scale,
@@ -127,6 +191,8 @@ def _ring_forward(q, k, v, *, axis_name, is_causal, scale, implementation,
     relation = _relation(step, is_causal, index)
     if isinstance(relation, str):
       out_s, lse_s = pair(q, k, v, causal=relation == DIAGONAL)
+    elif layout == "zigzag":
+      out_s, lse_s = _zigzag_pair_forward(pair, q, k, v, relation)
     else:
       out_s, lse_s = lax.cond(
           relation, lambda q, k, v: pair(q, k, v, causal=False),
@@ -140,8 +206,25 @@ def _ring_forward(q, k, v, *, axis_name, is_causal, scale, implementation,
   return out.astype(q.dtype), lse
 
 
-def _ring_backward(q, k, v, out, lse, do, *, axis_name, is_causal, scale,
-                   implementation, interpret):
+def _zigzag_pair_backward(pair, args, earlier):
+  """dq, dk, dv of a zig-zag step past the first (see the forward)."""
+  def from_earlier(q, k, v, do, lse, delta):
+    dq, dk_a, dv_a = pair(q, _halves(k)[0], _halves(v)[0], do, lse, delta,
+                          causal=False)
+    pad = lambda d: jnp.concatenate([d, jnp.zeros(d.shape, d.dtype)], 1)
+    return dq, pad(dk_a), pad(dv_a)
+
+  def from_later(q, k, v, do, lse, delta):
+    q_b, do_b = _halves(q)[1], _halves(do)[1]
+    dq_b, dk, dv = pair(q_b, k, v, do_b, _halves(lse, 2)[1],
+                        _halves(delta, 2)[1], causal=False)
+    return (jnp.concatenate([jnp.zeros(dq_b.shape, dq_b.dtype), dq_b], 1),
+            dk, dv)
+  return lax.cond(earlier, from_earlier, from_later, *args)
+
+
+def _ring_backward(q, k, v, out, lse, do, *, axis_name, is_causal, layout,
+                   scale, implementation, interpret):
   n = lax.axis_size(axis_name)
   index = lax.axis_index(axis_name)
   pair = functools.partial(_pair_backward, scale=scale,
@@ -157,6 +240,8 @@ def _ring_backward(q, k, v, out, lse, do, *, axis_name, is_causal, scale,
     args = (q, k, v, do, lse, delta)
     if isinstance(relation, str):
       grads = pair(*args, causal=relation == DIAGONAL)
+    elif layout == "zigzag":
+      grads = _zigzag_pair_backward(pair, args, relation)
     else:
       grads = lax.cond(relation, lambda *a: pair(*a, causal=False),
                        lambda q, k, v, *_: _varying(
@@ -175,39 +260,37 @@ def _ring_backward(q, k, v, out, lse, do, *, axis_name, is_causal, scale,
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _ring(q, k, v, axis_name, is_causal, scale, implementation, interpret):
-  return _ring_forward(q, k, v, axis_name=axis_name, is_causal=is_causal,
-                       scale=scale, implementation=implementation,
-                       interpret=interpret)[0]
+# The ring's static options (hashable).
+_Options = collections.namedtuple(
+    "_Options", "axis_name is_causal layout scale implementation interpret")
 
 
-def _ring_fwd(q, k, v, axis_name, is_causal, scale, implementation,
-              interpret):
-  out, lse = _ring_forward(q, k, v, axis_name=axis_name, is_causal=is_causal,
-                           scale=scale, implementation=implementation,
-                           interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ring(q, k, v, options):
+  return _ring_forward(q, k, v, **options._asdict())[0]
+
+
+def _ring_fwd(q, k, v, options):
+  out, lse = _ring_forward(q, k, v, **options._asdict())
   return out, (q, k, v, out, lse)
 
 
-def _ring_bwd(axis_name, is_causal, scale, implementation, interpret,
-              residuals, do):
+def _ring_bwd(options, residuals, do):
   q, k, v, out, lse = residuals
-  return _ring_backward(q, k, v, out, lse, do, axis_name=axis_name,
-                        is_causal=is_causal, scale=scale,
-                        implementation=implementation, interpret=interpret)
+  return _ring_backward(q, k, v, out, lse, do, **options._asdict())
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(query, key, value, *, axis_name, is_causal=False,
-                   scale=None, implementation=None, interpret=None):
+                   layout="contiguous", scale=None, implementation=None,
+                   interpret=None):
   """Exact attention over a sequence sharded along `axis_name`.
 
   Call inside `jax.shard_map` with q, k, v sharded along the sequence axis in
   contiguous chunks, in the axis order (device i holds tokens
-  [i T_local, (i + 1) T_local)).
+  [i T_local, (i + 1) T_local)) of the `layout`'s token order.
 
   Args:
     query: [B, T_local, N, H]; key, value: [B, S_local, K, H] (K divides N);
@@ -215,6 +298,9 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False,
     axis_name: the mesh axis the sequence is sharded over.
     is_causal: causal over the global positions; chunks in the future are
       skipped.
+    layout: "contiguous" (the tokens in order) or "zigzag" (the tokens
+      permuted by `to_zigzag(x, num_shards)`: causal work is then the same on
+      every device; T_local must be even).
     scale: default 1 / sqrt(H).
     implementation, interpret: as in `fa2_jax.flash_attention` ("triton" or
       "xla").
@@ -227,8 +313,41 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False,
   if is_causal and dims["T"] != dims["S"]:
     raise ValueError(f"causal ring attention needs equal query and key chunk "
                      f"lengths, got T_local={dims['T']}, S_local={dims['S']}")
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  if layout == "zigzag" and dims["T"] % 2:
+    raise ValueError(f"the zigzag layout holds two chunks per device: "
+                     f"T_local must be even, got {dims['T']}")
   scale = validation.check_scale(scale, dims["H"])
   implementation, interpret = _resolve_implementation(implementation,
                                                       interpret)
-  return _ring(query, key, value, axis_name, is_causal, scale,
-               implementation, interpret)
+  options = _Options(axis_name, is_causal, layout, scale, implementation,
+                     interpret)
+  return _ring(query, key, value, options)
+
+
+def ring_attention_fn(mesh, axis_name: str, *, batch_axes=None,
+                      layout: str = "contiguous", implementation=None,
+                      interpret=None):
+  """An `attention_fn(query, key, value, mask=None, is_causal=False)` that
+  runs `ring_attention` over `mesh`'s `axis_name` (e.g. for
+  `fa2_jax.nn.MultiHeadAttention(attention_fn=...)` in a context-parallel
+  model): q, k, v [B, T, N, H] are split along T over `axis_name` (and along
+  B over `batch_axes`, if given) by a `jax.shard_map`.
+  """
+  spec = jax.sharding.PartitionSpec(batch_axes, axis_name)
+
+  def attention_fn(query, key, value, mask=None, is_causal=False, **kwargs):
+    if mask is not None or kwargs:
+      unsupported = ["mask"] * (mask is not None) + sorted(kwargs)
+      raise NotImplementedError(f"ring_attention_fn supports no "
+                                f"{', '.join(unsupported)}")
+    ring = functools.partial(ring_attention, axis_name=axis_name,
+                             is_causal=is_causal, layout=layout,
+                             implementation=implementation,
+                             interpret=interpret)
+    # Pallas kernels are not typed for shard_map's varying-axes checks.
+    return jax.shard_map(ring, mesh=mesh, in_specs=spec, out_specs=spec,
+                         check_vma=False)(query, key, value)
+
+  return attention_fn

@@ -25,29 +25,34 @@ def main():
   k = jax.random.normal(ks[1], (b, t, k_heads, h))
   v = jax.random.normal(ks[2], (b, t, k_heads, h))
   do = jax.random.normal(ks[3], q.shape)
-  sharded = [jax.device_put(x, shard) for x in (q, k, v, do)]
   for impl in ("xla", "triton"):
-    for causal in (False, True):
+    for causal, layout in ((False, "contiguous"), (True, "contiguous"),
+                           (True, "zigzag")):
       kw = dict(interpret=True) if impl == "triton" else {}
       ring = jax.jit(jax.shard_map(
           lambda q, k, v: fa2_jax.ring_attention(
-              q, k, v, axis_name="sp", is_causal=causal, implementation=impl,
-              **kw),
+              q, k, v, axis_name="sp", is_causal=causal, layout=layout,
+              implementation=impl, **kw),
           mesh=mesh, in_specs=P(None, "sp"), out_specs=P(None, "sp"),
           # Pallas interpret mode is not typed for shard_map's vma checks.
           check_vma=impl == "xla"))
+      # The zig-zag ring takes the tokens permuted (before sharding) and
+      # returns them permuted: compare with plain attention, permuted.
+      perm = ((lambda x: fa2_jax.to_zigzag(x, 4)) if layout == "zigzag"
+              else (lambda x: x))
+      args = [jax.device_put(perm(x), shard) for x in (q, k, v, do)]
       with jax.default_matmul_precision("highest"):
-        out, pullback = jax.vjp(ring, *sharded[:3])
-        grads = pullback(sharded[3])
+        out, pullback = jax.vjp(ring, *args[:3])
+        grads = pullback(args[3])
         want, want_pullback = jax.vjp(
             lambda q, k, v: fa2_jax.flash_attention(
                 q, k, v, is_causal=causal, implementation="xla"), q, k, v)
-        want_grads = want_pullback(do)
-      hlo = ring.lower(*sharded[:3]).compile().as_text()
+        want, *want_grads = map(perm, (want, *want_pullback(do)))
+      hlo = ring.lower(*args[:3]).compile().as_text()
       errors = [float(np.max(np.abs(np.asarray(a) - np.asarray(w))))
                 for a, w in zip((out, *grads), (want, *want_grads))]
       print(json.dumps(dict(
-          impl=impl, causal=causal, errors=errors,
+          impl=impl, causal=causal, layout=layout, errors=errors,
           scale=float(np.max(np.abs(np.asarray(want_grads[1])))),
           out_sharding=str(out.sharding.spec),
           collective_permute="collective-permute" in hlo,

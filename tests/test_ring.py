@@ -18,21 +18,35 @@ def ring_cases():
                         check=False)
   rows = [json.loads(line) for line in done.stdout.splitlines()
           if line.startswith("{")]
-  assert len(rows) == 4, done.stderr[-2000:]
+  assert len(rows) == 6, done.stderr[-2000:]
   return rows
 
 
 @pytest.mark.parametrize("impl", ["xla", "triton"])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_ring_matches_one_device(ring_cases, impl, causal):
-  row = next(r for r in ring_cases
-             if r["impl"] == impl and r["causal"] == causal)
+@pytest.mark.parametrize("causal, layout", [
+    (False, "contiguous"), (True, "contiguous"), (True, "zigzag")],
+    ids=["full", "causal", "causal-zigzag"])
+def test_ring_matches_one_device(ring_cases, impl, causal, layout):
+  row = next(r for r in ring_cases if r["impl"] == impl
+             and r["causal"] == causal and r["layout"] == layout)
   assert row["scale"] > 1e-2
   for name, err in zip(("out", "dq", "dk", "dv"), row["errors"]):
     assert err < 1e-5, f"{name}: {err}"
   assert row["out_sharding"] == "P(None, 'sp', None, None)"
   assert row["collective_permute"]
   assert not row["all_gather"] and not row["all_to_all"]
+
+
+def test_zigzag_gives_device_i_chunks_i_and_mirror():
+  import numpy as np
+  idx = fa2_jax.zigzag_indices(16, 2)  # 4 chunks of 4: devices get 0,3 / 1,2
+  np.testing.assert_array_equal(
+      idx, [0, 1, 2, 3, 12, 13, 14, 15, 4, 5, 6, 7, 8, 9, 10, 11])
+  x = np.arange(2 * 24 * 3).reshape(2, 24, 3)
+  np.testing.assert_array_equal(
+      fa2_jax.from_zigzag(fa2_jax.to_zigzag(x, 3), 3), x)
+  with pytest.raises(ValueError, match="divisible by 2 \\* num_shards = 8"):
+    fa2_jax.zigzag_indices(20, 4)
 
 
 def test_ring_rejects_unequal_causal_chunks():
