@@ -4,6 +4,9 @@
     python examples/train_gpt.py --config tiny        # CPU: interpret mode, <2 min
     python examples/train_gpt.py --attention cudnn    # same model, jax.nn cuDNN
     python examples/train_gpt.py --attention xla      # same model, jax.nn XLA
+    python examples/train_gpt.py --parallel data      # batch over all devices
+    python examples/train_gpt.py --parallel context   # sequence over all
+                                                      # devices: ring attention
 
 A decoder-only transformer (pre-LayerNorm blocks of causal
 `fa2_jax.nn.MultiHeadAttention` and a GELU MLP, learned positions, tied
@@ -13,6 +16,12 @@ with Python itself: the source of its standard library. Training is one
 a fixed seed, so every `--attention` sees the same data in the same order and
 their loss curves can be compared. A progress bar shows loss, tokens/s and
 model TFLOP/s; the last line printed is one JSON object with the results.
+
+`--parallel data` shards the batch over every visible device (parameters
+replicated, gradients all-reduced; fa2-jax runs each device's shard of the
+batch locally, fa2_jax.partitioning). `--parallel context` shards the sequence
+instead: attention is `fa2_jax.ring_attention` in the zig-zag layout (tokens,
+targets and positions permuted once per batch), everything else is per token.
 
 Model FLOPs per token (fwd+bwd): 6 x parameters + 6 x layers x T x d_model
 (causal attention's two matmuls, halved by the mask), as in PaLM's MFU count.
@@ -32,6 +41,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import fa2_jax
 import fa2_jax.nn
 
 
@@ -110,15 +120,27 @@ class GPT(nnx.Module):
                             for _ in range(cfg.layers)])
     self.ln_f = nnx.LayerNorm(cfg.d_model, dtype=dtype, rngs=rngs)
 
-  def __call__(self, tokens):
-    x = self.embed(tokens) + self.pos(jnp.arange(tokens.shape[1]))
+  def __call__(self, tokens, positions=None):
+    """positions [T] int: each token's position (default 0..T-1)."""
+    if positions is None:
+      positions = jnp.arange(tokens.shape[1])
+    x = self.embed(tokens) + self.pos(positions)
     for block in self.blocks:
       x = block(x)
     return self.embed.attend(self.ln_f(x)).astype(jnp.float32)
 
 
-def attention_options(name: str, interpret: bool) -> dict:
-  """MultiHeadAttention keywords for --attention."""
+def attention_options(name: str, interpret: bool, mesh=None) -> dict:
+  """MultiHeadAttention keywords for --attention (with a "seq" mesh: ring
+  attention over it)."""
+  if mesh is not None and "seq" in mesh.axis_names:
+    if name != "fa2":
+      raise NotImplementedError("--parallel context runs fa2-jax's ring "
+                                "attention; --attention must be fa2")
+    return dict(attention_fn=fa2_jax.ring_attention_fn(
+        mesh, "seq", layout="zigzag",
+        implementation="triton" if jax.default_backend() == "gpu"
+        or interpret else "xla", interpret=interpret or None))
   if name == "fa2":
     return dict(implementation="triton" if jax.default_backend() == "gpu"
                 or interpret else "xla", interpret=interpret or None)
@@ -126,18 +148,53 @@ def attention_options(name: str, interpret: bool) -> dict:
                                              implementation=name))
 
 
-def loss_fn(model, tokens):
-  """Mean next-byte cross-entropy (nats) over a [B, T + 1] batch."""
-  logits = model(tokens[:, :-1])
+def loss_fn(model, inputs, targets, positions):
+  """Mean next-byte cross-entropy (nats): inputs, targets [B, T] int,
+  positions [T] int."""
+  logits = model(inputs, positions)
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits, tokens[:, 1:]).mean()
+      logits, targets).mean()
 
 
 @nnx.jit
-def train_step(model, optimizer, tokens):
-  loss, grads = nnx.value_and_grad(loss_fn)(model, tokens)
+def train_step(model, optimizer, inputs, targets, positions):
+  loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets,
+                                            positions)
   optimizer.update(model, grads)
   return loss
+
+
+PARALLEL = ("none", "data", "context")
+
+
+def make_mesh(parallel: str):
+  """None, or a 1-D mesh over every device: "data" or "seq" (auto axes)."""
+  if parallel == "none":
+    return None
+  name = {"data": "data", "context": "seq"}[parallel]
+  return jax.make_mesh((jax.device_count(),), (name,),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def placed(batch, cfg: Config, mesh):
+  """(inputs, targets, positions) of a [B, T + 1] batch, laid out for the
+  mesh: batch-sharded ("data"), or zig-zag permuted and sequence-sharded
+  ("seq")."""
+  inputs, targets = batch[:, :-1], batch[:, 1:]
+  positions = np.arange(cfg.seq_len, dtype=np.int32)
+  if mesh is None:
+    return inputs, targets, positions
+  P = jax.sharding.PartitionSpec
+  if "seq" in mesh.axis_names:
+    shards = mesh.shape["seq"]
+    inputs, targets = (fa2_jax.to_zigzag(x, shards) for x in (inputs,
+                                                               targets))
+    positions = fa2_jax.zigzag_indices(cfg.seq_len, shards).astype(np.int32)
+    spec, pos_spec = P(None, "seq"), P("seq")
+  else:
+    spec, pos_spec = P("data"), P()
+  put = lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s))
+  return put(inputs, spec), put(targets, spec), put(positions, pos_spec)
 
 
 def batches(corpus, cfg: Config, seed: int):
@@ -180,12 +237,19 @@ class Progress:
 
 
 def train(cfg: Config, *, attention: str = "fa2", interpret: bool = False,
-          seed: int = 0, log_every: int = 10):
+          seed: int = 0, log_every: int = 10, parallel: str = "none"):
   """Trains; returns the results dict (also the losses every `log_every`)."""
+  mesh = make_mesh(parallel)
+  if parallel == "data" and cfg.batch % jax.device_count():
+    raise ValueError(f"--parallel data needs the batch ({cfg.batch}) "
+                     f"divisible by the {jax.device_count()} devices")
+  if parallel == "context" and cfg.seq_len % (2 * jax.device_count()):
+    raise ValueError(f"--parallel context needs seq_len ({cfg.seq_len}) "
+                     f"divisible by 2 x {jax.device_count()} devices")
   corpus = load_corpus(cfg.corpus_bytes)
   split = int(len(corpus) * 0.95)
   train_data, val_data = corpus[:split], corpus[split:]
-  model = GPT(cfg, attention_options(attention, interpret),
+  model = GPT(cfg, attention_options(attention, interpret, mesh),
               nnx.Rngs(params=seed))
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model,
                                                              nnx.Param)))
@@ -196,19 +260,23 @@ def train(cfg: Config, *, attention: str = "fa2", interpret: bool = False,
       model, optax.chain(optax.clip_by_global_norm(1.0),
                          optax.adamw(schedule, weight_decay=0.1)),
       wrt=nnx.Param)
-  data = batches(train_data, cfg, seed)
+  if mesh is not None:  # parameters and optimizer state on every device
+    state = nnx.state((model, optimizer))
+    nnx.update((model, optimizer), jax.device_put(
+        state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+  data = (placed(b, cfg, mesh) for b in batches(train_data, cfg, seed))
   tokens_per_step = cfg.batch * cfg.seq_len
   flops_per_step = model_flops_per_token(cfg, num_params) * tokens_per_step
 
   start = time.perf_counter()
-  initial_loss = float(train_step(model, optimizer, next(data)))  # compiles
+  initial_loss = float(train_step(model, optimizer, *next(data)))  # compiles
   losses = [(0, initial_loss)]
-  losses.append((1, float(train_step(model, optimizer, next(data)))))
+  losses.append((1, float(train_step(model, optimizer, *next(data)))))
   compile_s = time.perf_counter() - start  # the first two steps: warm-up
   progress = Progress(cfg.steps - 2)
   timed_start, loss = time.perf_counter(), None
   for step in range(2, cfg.steps):
-    loss = train_step(model, optimizer, next(data))
+    loss = train_step(model, optimizer, *next(data))
     if step % log_every == 0 or step == cfg.steps - 1:
       loss = float(loss)  # waits for the step
       losses.append((step, loss))
@@ -221,14 +289,15 @@ def train(cfg: Config, *, attention: str = "fa2", interpret: bool = False,
   final_loss = float(loss)
   elapsed = time.perf_counter() - timed_start
   progress.close()
-  val = batches(val_data, cfg, seed + 1)
+  val = (placed(b, cfg, mesh) for b in batches(val_data, cfg, seed + 1))
   eval_loss = nnx.jit(loss_fn)
-  val_loss = float(np.mean([float(eval_loss(model, next(val)))
+  val_loss = float(np.mean([float(eval_loss(model, *next(val)))
                             for _ in range(4)]))
   steps_timed = cfg.steps - 2
   return dict(
       attention=attention, config=dataclasses.asdict(cfg),
       device=jax.devices()[0].device_kind, interpret=interpret,
+      parallel=parallel, devices=jax.device_count() if mesh else 1,
       parameters=int(num_params), initial_loss=initial_loss,
       final_loss=final_loss, val_loss=val_loss,
       tokens_per_s=steps_timed * tokens_per_step / elapsed,
@@ -242,6 +311,12 @@ def main(argv=None):
                       help="default: gpt2-small on a GPU, tiny elsewhere")
   parser.add_argument("--attention", choices=("fa2", "cudnn", "xla"),
                       default="fa2")
+  parser.add_argument("--parallel", choices=PARALLEL, default="none",
+                      help="data: batch over all devices; context: sequence "
+                      "over all devices (ring attention, zig-zag layout)")
+  parser.add_argument("--batch", type=int, default=None,
+                      help="global batch (default: the config's)")
+  parser.add_argument("--seq-len", type=int, default=None)
   parser.add_argument("--steps", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--output", default=None, help="also write the JSON")
@@ -253,9 +328,12 @@ def main(argv=None):
       parser.error(f"--steps must be >= 3 (two warm-up steps), got "
                    f"{args.steps}")
     cfg = dataclasses.replace(cfg, steps=args.steps)
+  for field in ("batch", "seq_len"):
+    if getattr(args, field) is not None:
+      cfg = dataclasses.replace(cfg, **{field: getattr(args, field)})
   result = train(cfg, attention=args.attention,
                  interpret=not on_gpu and args.attention == "fa2",
-                 seed=args.seed)
+                 seed=args.seed, parallel=args.parallel)
   if not result["final_loss"] < result["initial_loss"]:
     print(f"loss did not fall: {result['initial_loss']:.3f} -> "
           f"{result['final_loss']:.3f}", file=sys.stderr)

@@ -28,3 +28,29 @@ def test_quickstart_runs(capsys, monkeypatch):
   monkeypatch.setattr(sys, "argv", ["quickstart.py"])
   runpy.run_path("examples/quickstart.py", run_name="__main__")
   assert "dq (2, 256, 8, 64)" in capsys.readouterr().out
+
+
+def _train_gpt_subprocess(*args):
+  """train_gpt's summary from a fresh process with 2 forced CPU devices."""
+  import os
+  import subprocess
+  env = dict(os.environ, PYTHONPATH=os.getcwd(), JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  done = subprocess.run(
+      [sys.executable, "examples/train_gpt.py", "--config", "tiny",
+       "--steps", "12", *args], env=env, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_train_gpt_data_and_context_parallel_match_one_device():
+  # Same data, same seed: sharding the batch or the sequence (ring
+  # attention, zig-zag order) changes the summation order only.
+  one = _train_gpt_subprocess()
+  for parallel in ("data", "context"):
+    got = _train_gpt_subprocess("--parallel", parallel)
+    assert (got["parallel"], got["devices"]) == (parallel, 2)
+    for key in ("initial_loss", "final_loss", "val_loss"):
+      assert abs(got[key] - one[key]) < 1e-4, (parallel, key, got, one)
+    assert got["final_loss"] < got["initial_loss"] - 1.0
