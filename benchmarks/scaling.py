@@ -131,13 +131,49 @@ def table(rows):
   return "\n".join(lines)
 
 
+def figure(rows, path, title=""):
+  """Weak-scaling efficiency bars per case (scaling.png)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ring = [r for r in rows if r["kind"] == "ring"]
+  labels = [f"{r['tokens_per_gpu'] // 1024}k/GPU\n"
+            f"{('causal ' + {'zigzag': 'zig-zag', 'contiguous': 'in order'}[r['layout']]) if r['causal'] else 'non-causal'}\n"
+            f"{r['pass_']}" for r in ring]
+  fig, ax = plt.subplots(figsize=(max(6, 0.95 * len(ring)), 3.8))
+  colors = ["tab:gray" if r["causal"] and r["layout"] == "contiguous"
+            else "tab:orange" for r in ring]
+  ax.bar(range(len(ring)), [100 * r["efficiency"] for r in ring],
+         color=colors)
+  ax.axhline(90, color="black", lw=0.8, ls="--")
+  ax.set_xticks(range(len(ring)))
+  ax.set_xticklabels(labels, fontsize=6)
+  ax.set_ylabel("ring efficiency (% of 1-GPU TFLOP/s)")
+  ax.set_ylim(0, 105)
+  ax.set_title(f"ring attention weak scaling {title}".strip(), fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--output", default="scaling.json")
   parser.add_argument("--tokens-per-gpu", default="32768,65536")
   parser.add_argument("--calls", type=int, default=3)
   parser.add_argument("--trials", type=int, default=3)
+  parser.add_argument("--plot", metavar="RESULTS_JSON", default=None,
+                      help="only redraw scaling.png next to RESULTS_JSON")
   args = parser.parse_args()
+  if args.plot:
+    with open(args.plot) as f:
+      results = json.load(f)
+    env = results["environment"]
+    print(figure(results["rows"], args.plot.replace(".json", ".png"),
+                 f"({env['devices']}x {env['device']})"))
+    print(table(results["rows"]))
+    return results["rows"]
   if jax.device_count() < 2:
     sys.exit(f"needs 2+ devices, found {jax.device_count()}")
   rows = sharded_rows()
@@ -147,6 +183,8 @@ def main():
              jax=jax.__version__, fa2_jax=fa2_jax.__version__)
   with open(args.output, "w") as f:
     json.dump(dict(environment=env, rows=rows), f, indent=1)
+  figure(rows, args.output.replace(".json", "") + ".png",
+         f"({env['devices']}x {env['device']})")
   print(table(rows))
   return rows
 
