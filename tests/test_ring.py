@@ -1,25 +1,14 @@
 """Ring attention over 4 (forced CPU) devices equals one-device attention,
 forward and backward, and moves K/V only by collective-permute."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 import fa2_jax
+from tests.workers import run_worker
 
 
 @pytest.fixture(scope="module")
 def ring_cases():
-  env = dict(os.environ, PYTHONPATH=os.getcwd())
-  done = subprocess.run([sys.executable, "tests/ring_worker.py"], env=env,
-                        capture_output=True, text=True, timeout=900,
-                        check=False)
-  rows = [json.loads(line) for line in done.stdout.splitlines()
-          if line.startswith("{")]
-  assert len(rows) == 6, done.stderr[-2000:]
-  return rows
+  return run_worker("tests/ring_worker.py", 6)
 
 
 @pytest.mark.parametrize("impl", ["xla", "triton"])

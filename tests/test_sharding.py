@@ -1,12 +1,9 @@
 """flash_attention under jit on batch/head-sharded inputs (4 forced CPU
 devices, explicit and auto mesh axes) equals one device, keeps the input
 sharding, and moves no q, k, v between devices."""
-import json
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.workers import run_worker
 
 CASES = ["batch+heads gqa causal", "batch+heads variants",
          "batch only, shared bias", "heads mqa", "sequence sharded"]
@@ -14,13 +11,7 @@ CASES = ["batch+heads gqa causal", "batch+heads variants",
 
 @pytest.fixture(scope="module")
 def sharded_cases():
-  env = dict(os.environ, PYTHONPATH=os.getcwd())
-  done = subprocess.run([sys.executable, "tests/sharding_worker.py"], env=env,
-                        capture_output=True, text=True, timeout=1200,
-                        check=False)
-  rows = [json.loads(line) for line in done.stdout.splitlines()
-          if line.startswith("{")]
-  assert len(rows) == 2 * len(CASES), done.stderr[-3000:]
+  rows = run_worker("tests/sharding_worker.py", 2 * len(CASES))
   return {(r["name"], r["axis_type"]): r for r in rows}
 
 
