@@ -30,6 +30,19 @@ BWD = [  # block_q_dkv, block_k_dkv, block_q_dq, block_k_dq, warps, stages
     (64, 128, 128, 64, 4, 3),
 ]
 
+# head_dim 256: a [64, 256] bf16 tile is 32 KiB, and the dK/dV accumulators
+# [block_k_dkv, 256] f32 live in registers.
+FWD_256 = [
+    (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 3),
+    (128, 32, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (64, 64, 8, 1),
+    (128, 32, 8, 3),
+]
+BWD_256 = [
+    (32, 64, 64, 32, 8, 1), (32, 64, 64, 32, 8, 2), (32, 64, 64, 32, 4, 1),
+    (32, 32, 32, 32, 4, 2), (16, 64, 64, 16, 4, 2), (32, 64, 64, 32, 4, 2),
+    (64, 64, 64, 64, 8, 1), (32, 128, 128, 32, 8, 1), (16, 32, 32, 16, 4, 2),
+]
+
 
 def main():
   parser = argparse.ArgumentParser()
@@ -44,7 +57,9 @@ def main():
   for head_dim in map(int, args.head_dims.split(",")):
     base = fa2_jax.default_block_sizes(head_dim, jnp.bfloat16)
     for is_causal in (True,) if args.variant else (False, True):
-      for pass_, cands in (("fwd", FWD), ("fwd+bwd", BWD)):
+      wide = head_dim > 128
+      for pass_, cands in (("fwd", FWD_256 if wide else FWD),
+                           ("fwd+bwd", BWD_256 if wide else BWD)):
         for cand in cands:
           if pass_ == "fwd":
             bs = dataclasses.replace(base, block_q=cand[0], block_k=cand[1],

@@ -82,10 +82,10 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None,
     sizes = BlockSizes(block_q=128, block_k=128, num_warps=8, num_stages=3,
                        block_q_dkv=64, block_k_dkv=128, block_q_dq=128,
                        block_k_dq=64, num_warps_bwd=8, num_stages_bwd=3)
-  else:
-    sizes = BlockSizes(block_q=64, block_k=64, num_warps=8, num_stages=2,
-                       block_q_dkv=32, block_k_dkv=64, block_q_dq=64,
-                       block_k_dq=32, num_warps_bwd=8, num_stages_bwd=1)
+  else:  # swept at 4k (NOTES item 9)
+    sizes = BlockSizes(block_q=128, block_k=64, num_warps=8, num_stages=2,
+                       block_q_dkv=32, block_k_dkv=32, block_q_dq=32,
+                       block_k_dq=32, num_warps_bwd=4, num_stages_bwd=2)
   if key_span is not None and key_span <= NARROW_BAND_KEYS and head_dim <= 128:
     sizes = dataclasses.replace(
         sizes, block_q=64, block_k=64, num_warps=4, num_stages=3,
@@ -94,6 +94,7 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None,
   if wide:  # float32 tiles take twice the shared memory: halve, 2 stages.
     sizes = dataclasses.replace(
         sizes, block_k=max(16, sizes.block_k // 2),
+        block_q=min(sizes.block_q, 64 if head_dim > 128 else 128),
         block_q_dkv=max(16, sizes.block_q_dkv // 2),
         block_k_dq=max(16, sizes.block_k_dq // 2),
         num_stages=min(2, sizes.num_stages),
