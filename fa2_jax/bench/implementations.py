@@ -61,8 +61,13 @@ def _jax_pallas_mosaic(*, is_causal, interpret, block_sizes, **mask_kwargs):
     if q.dtype != jnp.float16:
       raise NotImplementedError(f"jax-pallas-mosaic takes float16 only, got "
                                 f"{q.dtype} (try --dtype float16)")
-    config = mgpu.TuningConfig(block_q=128, block_kv=128,
-                               max_concurrent_steps=2, causal=is_causal)
+    # Its own benchmark's tiles: 64 query rows per compute warpgroup (two
+    # per program), 128 keys; 64-wide backward tiles (it has no causal
+    # backward, which is recorded as that row's error).
+    config = mgpu.TuningConfig(block_q=64, block_kv=128,
+                               max_concurrent_steps=2, causal=is_causal,
+                               block_q_dkv=64, block_kv_dkv=64,
+                               block_q_dq=64, block_kv_dq=64)
     # Its layout is [B, T, N, H] and its scale 1/sqrt(H), as here.
     return mgpu.attention(q, k, v, config)
   return fn
