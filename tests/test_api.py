@@ -145,6 +145,26 @@ def test_vmap(interpret):
       np.testing.assert_allclose(got[i], want, atol=1e-6, rtol=1e-6)
 
 
+def test_vmap_with_dropout_and_unbatched_kv(interpret):
+  # Per-head dropout streams hash the batch index, so a vmapped axis cannot
+  # fold into the batch: the launch runs as a map instead, and each slice
+  # must equal its own call (same key, same bits). k, v are not batched.
+  q, k, v, dout = qkv(b=1, t=33, s=40)
+  q2, _, _, d2 = qkv(b=1, t=33, s=40, seed=1)
+  f = functools.partial(fa2_jax.flash_attention, is_causal=True,
+                        dropout_rate=0.3, dropout_rng=jax.random.key(3),
+                        implementation="triton", interpret=interpret)
+  def fwd_bwd(q, k, v, dout):
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out, *vjp(dout))
+  batched = jax.vmap(fwd_bwd, in_axes=(0, None, None, 0))(
+      jnp.stack([q, q2]), k, v, jnp.stack([dout, d2]))
+  for i, args in enumerate([(q, k, v, dout), (q2, k, v, d2)]):
+    for got, want in zip(batched, fwd_bwd(*args)):
+      assert float(jnp.max(jnp.abs(want))) > 0.1
+      np.testing.assert_allclose(got[i], want, atol=1e-6, rtol=1e-6)
+
+
 def test_checkpoint_and_jit(interpret):
   q, k, v, dout = qkv(t=40, s=40)
   def loss(q, k, v):
