@@ -45,3 +45,24 @@ def test_ring_rejects_unequal_causal_chunks():
   with pytest.raises(ValueError, match="causal ring attention needs equal"):
     fa2_jax.ring_attention(q, k, k, axis_name="sp", is_causal=True,
                            implementation="xla")
+
+
+def test_ring_rejects_bad_layouts():
+  import jax.numpy as jnp
+  q = jnp.ones((1, 8, 2, 16))
+  with pytest.raises(ValueError, match="layout must be one of"):
+    fa2_jax.ring_attention(q, q, q, axis_name="sp", layout="striped",
+                           implementation="xla")
+  odd = jnp.ones((1, 7, 2, 16))
+  with pytest.raises(ValueError, match="T_local must be even, got 7"):
+    fa2_jax.ring_attention(odd, odd, odd, axis_name="sp", layout="zigzag",
+                           implementation="xla")
+
+
+def test_ring_attention_fn_names_what_it_cannot_take():
+  import jax
+  import jax.numpy as jnp
+  fn = fa2_jax.ring_attention_fn(jax.make_mesh((1,), ("sp",)), "sp")
+  q = jnp.ones((1, 8, 2, 16))
+  with pytest.raises(NotImplementedError, match="no mask, bias"):
+    fn(q, q, q, mask=jnp.ones((8, 8), bool), bias=jnp.zeros((8, 8)))
