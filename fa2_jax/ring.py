@@ -59,20 +59,34 @@ def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
   return chunks[order].reshape(-1)
 
 
+def _take(x, indices, axis: int):
+  """x[..., indices, ...] along `axis`; numpy stays numpy. A jax array
+  explicitly sharded along `axis` is gathered along it first (the
+  permutation moves tokens between shards), its other axes kept."""
+  if isinstance(x, np.ndarray):
+    return np.take(x, indices, axis=axis)
+  sharding = jax.typeof(x).sharding
+  spec = tuple(getattr(sharding, "spec", ()))
+  if axis < len(spec) and spec[axis] is not None:
+    mesh = getattr(x, "sharding", sharding).mesh
+    spec = spec[:axis] + (None,) + spec[axis + 1:]
+    x = jax.sharding.reshard(
+        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
+  return jnp.take(x, indices, axis=axis)
+
+
 def to_zigzag(x, num_shards: int, axis: int = 1):
   """x with its `axis` (the sequence) in zig-zag order (see zigzag_indices);
-  shard it contiguously over num_shards devices for ring_attention. Permute
-  before sharding (a numpy array stays numpy), e.g. the token ids, targets
-  and positions in the input pipeline: the model then runs in that order."""
-  xp = np if isinstance(x, np.ndarray) else jnp
-  return xp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
+  shard it contiguously over num_shards devices for ring_attention. Cheapest
+  before sharding, e.g. on the token ids, targets and positions in the input
+  pipeline: the model then runs in that order."""
+  return _take(x, zigzag_indices(x.shape[axis], num_shards), axis)
 
 
 def from_zigzag(x, num_shards: int, axis: int = 1):
-  """The inverse of `to_zigzag`: the original token order."""
-  xp = np if isinstance(x, np.ndarray) else jnp
-  inverse = np.argsort(zigzag_indices(x.shape[axis], num_shards))
-  return xp.take(x, inverse, axis=axis)
+  """The inverse of `to_zigzag`: the original token order (a sequence-sharded
+  x is gathered along the sequence)."""
+  return _take(x, np.argsort(zigzag_indices(x.shape[axis], num_shards)), axis)
 
 
 def _config(q, k, scale, causal: bool, interpret: bool) -> KernelConfig:

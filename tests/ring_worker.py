@@ -47,12 +47,19 @@ def main():
         want, want_pullback = jax.vjp(
             lambda q, k, v: fa2_jax.flash_attention(
                 q, k, v, is_causal=causal, implementation="xla"), q, k, v)
+        plain = want
         want, *want_grads = map(perm, (want, *want_pullback(do)))
+      # from_zigzag takes the sequence-sharded output back to token order.
+      unpermuted = (fa2_jax.from_zigzag(out, 4) if layout == "zigzag"
+                    else out)
+      unpermuted_error = float(np.max(np.abs(np.asarray(unpermuted)
+                                             - np.asarray(plain))))
       hlo = ring.lower(*args[:3]).compile().as_text()
       errors = [float(np.max(np.abs(np.asarray(a) - np.asarray(w))))
                 for a, w in zip((out, *grads), (want, *want_grads))]
       print(json.dumps(dict(
           impl=impl, causal=causal, layout=layout, errors=errors,
+          unpermuted_error=unpermuted_error,
           scale=float(np.max(np.abs(np.asarray(want_grads[1])))),
           out_sharding=str(out.sharding.spec),
           collective_permute="collective-permute" in hlo,

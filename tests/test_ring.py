@@ -21,6 +21,7 @@ def test_ring_matches_one_device(ring_cases, impl, causal, layout):
   assert row["scale"] > 1e-2
   for name, err in zip(("out", "dq", "dk", "dv"), row["errors"]):
     assert err < 1e-5, f"{name}: {err}"
+  assert row["unpermuted_error"] < 1e-5
   assert row["out_sharding"] == "P(None, 'sp', None, None)"
   assert row["collective_permute"]
   assert not row["all_gather"] and not row["all_to_all"]
