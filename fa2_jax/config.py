@@ -71,6 +71,12 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None,
       tiles: two programs per SM, so one's Q load and O store overlap the
       other's loop.
   """
+  if key_span is not None and (isinstance(key_span, bool)
+                               or not isinstance(key_span, int)):
+    raise TypeError(f"key_span must be an int or None, got "
+                    f"{type(key_span).__name__}")
+  if key_span is not None and key_span < 0:
+    raise ValueError(f"key_span must be >= 0, got {key_span}")
   wide = jnp.dtype(dtype).itemsize >= 4
   del device_kind  # One table for now, measured on an H100 at seqlen 4096
   # (benchmarks/tune_blocks.py, results in benchmarks/results/).
@@ -91,10 +97,11 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None,
         sizes, block_q=64, block_k=64, num_warps=4, num_stages=3,
         block_q_dkv=64, block_k_dkv=64, block_q_dq=64, block_k_dq=64,
         num_warps_bwd=4, num_stages_bwd=3 if head_dim <= 64 else 2)
-  if wide:  # float32 tiles take twice the shared memory: halve, 2 stages.
+  if wide:  # float32 tiles take twice the shared memory: halve, 2 stages
+    # (and at head_dim 256 the query tile too: a [128, 256] f32 Q is 128 KiB).
     sizes = dataclasses.replace(
         sizes, block_k=max(16, sizes.block_k // 2),
-        block_q=min(sizes.block_q, 64 if head_dim > 128 else 128),
+        block_q=sizes.block_q // 2 if head_dim > 128 else sizes.block_q,
         block_q_dkv=max(16, sizes.block_q_dkv // 2),
         block_k_dq=max(16, sizes.block_k_dq // 2),
         num_stages=min(2, sizes.num_stages),

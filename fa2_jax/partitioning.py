@@ -70,6 +70,7 @@ class Launch:
   roles: tuple
   outputs: tuple
   out_roles: tuple
+  kv_heads: int  # K
   groups: int  # G = N // K
 
 
@@ -85,17 +86,13 @@ def launch(fn, config, arrays: dict, outputs: tuple):
   """
   names = tuple(n for n, x in arrays.items() if x is not None)
   batch, _, heads, _ = arrays["q"].shape
-  shapes = {n: arrays[n].shape for n in names}
-  out_shapes = dict(out=arrays["q"].shape, dq=arrays["q"].shape,
-                    dk=arrays["k"].shape, dv=arrays["k"].shape,
-                    lse=(batch, heads, 1), scores=(batch, heads, 1, 1))
+  kv_heads = arrays["k"].shape[2]
   static = Launch(
       fn=fn, config=config, names=names,
-      roles=tuple(_roles(n, shapes[n], batch, heads) for n in names),
+      roles=tuple(_roles(n, arrays[n].shape, batch, heads) for n in names),
       outputs=outputs,
-      out_roles=tuple(_roles(n, out_shapes[n], batch, heads)
-                      for n in outputs),
-      groups=heads // arrays["k"].shape[2])
+      out_roles=tuple(_ROLES[n] for n in outputs),  # never broadcast
+      kv_heads=kv_heads, groups=heads // kv_heads)
   return _entry(static)(*(arrays[n] for n in names))
 
 
@@ -166,6 +163,17 @@ def _axes_of(x) -> tuple:
   return tuple(_mesh_axes(e) for e in spec) + ((),) * (x.ndim - len(spec))
 
 
+def gather_axis(x, axis: int):
+  """x with its `axis` replicated: an explicit sharding along it gathered,
+  the other axes kept (any other x is returned as it is)."""
+  axes = _axes_of(x)
+  if not axes[axis]:
+    return x
+  mesh = getattr(x, "sharding", jax.typeof(x).sharding).mesh
+  return _reshard(x, mesh, P(*[None if i == axis else (a or None)
+                              for i, a in enumerate(axes)]))
+
+
 def _reshard(x, mesh, spec: P):
   want = tuple(_mesh_axes(e) for e in spec) + ((),) * (x.ndim - len(spec))
   if _axes_of(x) == want:
@@ -176,8 +184,8 @@ def _reshard(x, mesh, spec: P):
 def _sharding_rule(static: Launch, mesh, operand_types, result_types):
   """The Shardy rule: b and (k g) pass through, every other axis stays
   replicated."""
-  del mesh, result_types
-  kv_heads = operand_types[static.names.index("k")].shape[2]
+  del mesh, operand_types, result_types
+  kv_heads = static.kv_heads
   other = []
 
   def factor(role, where):
@@ -237,10 +245,9 @@ def _plan(static: Launch, mesh, arg_shapes) -> _Plan:
     batch_axes = ()
   head_axes = _mesh_axes(spec[2])
   devices = size(head_axes)
-  kv_heads = heads // static.groups
   if devices == 1 or heads % devices:
     return _Plan(batch_axes=batch_axes)
-  if kv_heads % devices == 0:
+  if static.kv_heads % devices == 0:
     return _Plan(batch_axes, head_axes)
   if static.groups % (heads // devices) == 0:
     return _Plan(batch_axes, head_axes, kv_sliced=True)
@@ -288,11 +295,10 @@ def _local(static: Launch, plan: _Plan, *arrays):
   outs = static.fn(named, static.config)
   if kv_index is None:
     return tuple(outs)
-  kv_heads = arrays[static.names.index("k")].shape[2]
   placed = []
   for name, out in zip(static.outputs, outs):
     if name in ("dk", "dv"):  # shared kv head: sum over the sharing shards
-      full = jnp.zeros(out.shape[:2] + (kv_heads,) + out.shape[3:],
+      full = jnp.zeros(out.shape[:2] + (static.kv_heads,) + out.shape[3:],
                        jnp.float32)
       full = lax.dynamic_update_slice_in_dim(full, out.astype(jnp.float32),
                                              kv_index, axis=2)

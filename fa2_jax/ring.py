@@ -26,11 +26,11 @@ import collections
 import functools
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from fa2_jax import validation
+from fa2_jax import partitioning, validation
 from fa2_jax.attention import _resolve_implementation
 from fa2_jax.autodiff import KernelConfig, run_backward, run_forward
 from fa2_jax.config import default_block_sizes
@@ -61,18 +61,11 @@ def zigzag_indices(seq_len: int, num_shards: int) -> np.ndarray:
 
 def _take(x, indices, axis: int):
   """x[..., indices, ...] along `axis`; numpy stays numpy. A jax array
-  explicitly sharded along `axis` is gathered along it first (the
-  permutation moves tokens between shards), its other axes kept."""
+  sharded along `axis` is gathered along it first (the permutation moves
+  tokens between shards)."""
   if isinstance(x, np.ndarray):
     return np.take(x, indices, axis=axis)
-  sharding = jax.typeof(x).sharding
-  spec = tuple(getattr(sharding, "spec", ()))
-  if axis < len(spec) and spec[axis] is not None:
-    mesh = getattr(x, "sharding", sharding).mesh
-    spec = spec[:axis] + (None,) + spec[axis + 1:]
-    x = jax.sharding.reshard(
-        x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-  return jnp.take(x, indices, axis=axis)
+  return jnp.take(partitioning.gather_axis(x, axis), indices, axis=axis)
 
 
 def to_zigzag(x, num_shards: int, axis: int = 1):

@@ -205,6 +205,11 @@ def test_narrow_windows_take_small_tiles():
   band = fa2_jax.default_block_sizes(128, jnp.bfloat16, key_span=1025)
   assert (band.block_q, band.block_k, band.num_warps) == (64, 64, 4)
   assert (band.block_q_dkv, band.block_k_dq, band.num_stages_bwd) == (64, 64, 2)
+  with pytest.raises(TypeError, match="key_span must be an int or None, "
+                     "got float"):
+    fa2_jax.default_block_sizes(128, jnp.bfloat16, key_span=1024.0)
+  with pytest.raises(ValueError, match="key_span must be >= 0, got -1"):
+    fa2_jax.default_block_sizes(128, jnp.bfloat16, key_span=-1)
   # head_dim 256 keeps its own (smaller) tiles.
   assert (fa2_jax.default_block_sizes(256, jnp.bfloat16, key_span=1025)
           == fa2_jax.default_block_sizes(256, jnp.bfloat16))
