@@ -2,42 +2,29 @@
 `jax.nn.dot_product_attention`. Validates, picks defaults, dispatches."""
 import jax
 
-from fa2_jax import rules, validation
-from fa2_jax.autodiff import KernelConfig, triton_attention
+from fa2_jax import backends, rules, validation
+from fa2_jax.autodiff import KernelConfig, kernel_attention
 from fa2_jax.config import BlockSizes, default_block_sizes
 from fa2_jax.reference import reference_attention
-
-IMPLEMENTATIONS = ("triton", "mosaic", "xla")
-MAX_KERNEL_HEAD_DIM = 256
+from pallas_kernels.mosaic_tiles import MosaicBlocks, default_mosaic_blocks
 
 
-def _resolve_implementation(implementation, interpret):
-  """The implementation to run and whether its kernels are interpreted."""
-  if implementation is not None and implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS},"
-                     f" got {implementation!r}")
-  if interpret is not None:
-    validation.check_bool("interpret", interpret)
-  on_gpu = jax.default_backend() == "gpu"
-  if implementation is None:
-    implementation = "triton" if (on_gpu or interpret) else "xla"
-  if implementation == "mosaic":
-    raise NotImplementedError(
-        "implementation='mosaic' (the Hopper kernels) is not available yet; "
-        "use implementation='triton' or 'xla'")
-  if implementation == "xla":
-    if interpret:
-      raise ValueError("interpret=True applies to the Pallas implementations, "
-                       "not implementation='xla'")
-    return implementation, False
-  if interpret is None:
-    if not on_gpu:
-      raise NotImplementedError(
-          f"implementation='triton' compiles for a CUDA GPU, but JAX's default "
-          f"backend is {jax.default_backend()!r}; pass interpret=True to run the"
-          f" kernels in interpret mode, or implementation='xla'")
-    interpret = False
-  return implementation, interpret
+def _check_block_sizes(block_sizes, implementation):
+  """The implementation `block_sizes` selects (its type names one), checked
+  against an explicit `implementation`."""
+  if block_sizes is None:
+    return implementation
+  kinds = {BlockSizes: "triton", MosaicBlocks: "mosaic"}
+  kind = kinds.get(type(block_sizes))
+  if kind is None:
+    raise TypeError(f"block_sizes must be a fa2_jax.BlockSizes (triton), a "
+                    f"fa2_jax.MosaicBlocks (mosaic) or None, got "
+                    f"{type(block_sizes).__name__}")
+  if implementation is not None and implementation != kind:
+    raise ValueError(f"block_sizes is a {type(block_sizes).__name__}, tiles "
+                     f"of the {kind!r} kernels, but implementation="
+                     f"{implementation!r}")
+  return kind if jax.default_backend() == "gpu" else implementation
 
 
 def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
@@ -101,21 +88,24 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
     return_residual: also return lse [B, N, T] float32, the natural-log
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
-    implementation: None (the Pallas kernels on a GPU, else "xla"), "triton"
-      (Pallas kernels through the Triton lowering, sm80+), "mosaic" (Hopper
-      kernels: not available yet), "xla" (the plain-jnp reference, O(T S)
-      memory).
-    interpret: run the Pallas kernels in interpret mode (CPU testing).
-    block_sizes: a `fa2_jax.BlockSizes`; None takes `default_block_sizes`.
+    implementation: None picks: "mosaic" on a Hopper GPU when it supports
+      the arguments, else "triton" on a GPU, else "xla". "mosaic": the
+      Hopper kernels (Pallas Mosaic GPU: TMA, wgmma, warp specialization;
+      sm90, float16/bfloat16; no bias, mask array, ALiBi or dropout: those
+      raise NotImplementedError); "triton": Pallas kernels through the
+      Triton lowering (sm80+, every variant); "xla": the plain-jnp
+      reference (O(T S) memory).
+    interpret: run the Triton-lowered kernels in interpret mode (CPU testing).
+    block_sizes: tiles: a `fa2_jax.BlockSizes` (triton) or a
+      `fa2_jax.MosaicBlocks` (mosaic; selects it when implementation is
+      None); None takes the defaults.
 
   Returns:
     out [B, T, N, H] in the input dtype, or (out, lse) with return_residual.
   """
   dims = validation.check_qkv(query, key, value)
   return_residual = validation.check_bool("return_residual", return_residual)
-  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a fa2_jax.BlockSizes or None, got "
-                    f"{type(block_sizes).__name__}")
+  implementation = _check_block_sizes(block_sizes, implementation)
   r = rules.build_rules(
       dims, scale=scale, is_causal=is_causal,
       causal_alignment=causal_alignment, local_window_size=local_window_size,
@@ -125,28 +115,34 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       mask=mask, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
       dropout_rate=dropout_rate, dropout_rng=dropout_rng,
       broadcast_dropout=broadcast_dropout)
-  implementation, interpret = _resolve_implementation(implementation, interpret)
+  implementation, interpret = backends.resolve(
+      implementation, interpret, rules=r, dtype=query.dtype, head_dim=dims["H"])
 
   if implementation == "xla":
     out, lse = reference_attention(query, key, value, mask=r.mask,
                                    score=r.score, dropout=r.dropout,
                                    **r.arrays)
   else:
-    if dims["H"] > MAX_KERNEL_HEAD_DIM:
-      raise NotImplementedError(
-          f"head_dim {dims['H']} is not supported by the {implementation!r} "
-          f"kernels (at most {MAX_KERNEL_HEAD_DIM}); use implementation='xla'")
-    if query.dtype == "float64":
-      raise NotImplementedError(
-          f"float64 inputs are not supported by the {implementation!r} kernels;"
-          f" use float32 or implementation='xla'")
-    if block_sizes is None:
-      block_sizes = default_block_sizes(dims["H"], query.dtype,
-                                        key_span=r.mask.key_span)
-    config = KernelConfig(mask=r.mask, score=r.score, dropout=r.dropout,
-                          block_sizes=block_sizes, interpret=interpret)
+    config = kernel_config(r.mask, r.score, r.dropout, implementation,
+                           interpret, dims["H"], query.dtype, block_sizes)
     a = r.arrays
-    out, lse = triton_attention(query, key, value, a["bias"], a["segments"],
+    out, lse = kernel_attention(query, key, value, a["bias"], a["segments"],
                                 a["alibi_slopes"], a["mask_array"], a["seeds"],
                                 config=config)
   return (out, lse) if return_residual else out
+
+
+def kernel_config(mask, score, dropout, implementation: str, interpret: bool,
+                  head_dim: int, dtype, block_sizes=None) -> KernelConfig:
+  """The static configuration of the kernels for one call ("triton" or
+  "mosaic"), with the default tiles where `block_sizes` is None."""
+  triton_tiles = (block_sizes if isinstance(block_sizes, BlockSizes) else
+                  default_block_sizes(head_dim, dtype,
+                                      key_span=mask.key_span))
+  mosaic_tiles = None
+  if implementation == "mosaic":
+    mosaic_tiles = (block_sizes if isinstance(block_sizes, MosaicBlocks)
+                    else default_mosaic_blocks(head_dim))
+  return KernelConfig(mask=mask, score=score, dropout=dropout,
+                      block_sizes=triton_tiles, interpret=interpret,
+                      backend=implementation, mosaic_blocks=mosaic_tiles)

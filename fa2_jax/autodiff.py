@@ -1,4 +1,4 @@
-"""`custom_vjp` wiring of the Triton-lowered kernels.
+"""`custom_vjp` wiring of the Pallas kernels (Triton-lowered or Mosaic GPU).
 
 The forward saves (q, k, v, O, LSE); the backward computes
 delta = rowsum(dO * O) (FA2 Algorithm 2, line 4) in one XLA fusion, subtracts
@@ -20,20 +20,30 @@ from jax.custom_derivatives import SymbolicZero
 
 from fa2_jax import partitioning
 from fa2_jax.config import BlockSizes
-from pallas_kernels import triton_backward, triton_forward
+from pallas_kernels import (mosaic_backward, mosaic_forward, triton_backward,
+                            triton_forward)
 from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
+from pallas_kernels.mosaic_tiles import MosaicBlocks
 from pallas_kernels.scores import ScoreRule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KernelConfig:
-  """Everything static about one attention call; hashable."""
+  """Everything static about one attention call; hashable.
+
+  backend: "triton" or "mosaic" (the Hopper kernels, with `mosaic_blocks`;
+  their backward at head_dim > 128 runs the Triton kernels with
+  `block_sizes`: a warpgroup's registers cannot hold both [64, 256] float32
+  accumulators of dK and dV).
+  """
   mask: MaskRule
   score: ScoreRule
   dropout: DropoutRule
   block_sizes: BlockSizes
   interpret: bool
+  backend: str = "triton"
+  mosaic_blocks: MosaicBlocks | None = None
 
   def rules(self):
     return dict(mask=self.mask, score=self.score, dropout=self.dropout,
@@ -66,7 +76,19 @@ def _backward_params(variants, config: KernelConfig):
               **variants, **config.rules())
 
 
+# The widest head_dim whose backward the Hopper kernels run.
+MOSAIC_BACKWARD_HEAD_DIM = 128
+
+
+def _mosaic_rules(a, config: KernelConfig):
+  return dict(segments=_kernel_variants(a)["segments"], mask=config.mask,
+              score=config.score, blocks=config.mosaic_blocks)
+
+
 def _forward_launch(a, config: KernelConfig):
+  if config.backend == "mosaic":
+    return mosaic_forward.forward(a["q"], a["k"], a["v"],
+                                  **_mosaic_rules(a, config))
   bs = config.block_sizes
   return triton_forward.forward(
       a["q"], a["k"], a["v"], **_kernel_variants(a), block_q=bs.block_q,
@@ -75,6 +97,11 @@ def _forward_launch(a, config: KernelConfig):
 
 
 def _backward_launch(a, config: KernelConfig):
+  if (config.backend == "mosaic"
+      and a["q"].shape[-1] <= MOSAIC_BACKWARD_HEAD_DIM):
+    return mosaic_backward.backward(
+        a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
+        **_mosaic_rules(a, config))
   bs = config.block_sizes
   return triton_backward.backward(
       a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
@@ -124,7 +151,7 @@ def _variants(bias, segments, slopes, mask_array, seeds):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("config",))
-def triton_attention(q, k, v, bias, segments, slopes, mask_array, seeds,
+def kernel_attention(q, k, v, bias, segments, slopes, mask_array, seeds,
                      config: KernelConfig):
   """Differentiable FA2 attention: returns (out [B,T,N,H], lse [B,N,T]).
 
@@ -174,4 +201,4 @@ def _attention_bwd(config: KernelConfig, residuals, cotangents):
   return dq, dk, dv, d_bias, None, None, None, None
 
 
-triton_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
+kernel_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)

@@ -31,9 +31,9 @@ import numpy as np
 from jax import lax
 
 from fa2_jax import partitioning, validation
-from fa2_jax.attention import _resolve_implementation
+from fa2_jax import backends
+from fa2_jax.attention import kernel_config
 from fa2_jax.autodiff import KernelConfig, run_backward, run_forward
-from fa2_jax.config import default_block_sizes
 from fa2_jax.reference import reference_attention
 from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
@@ -82,19 +82,18 @@ def from_zigzag(x, num_shards: int, axis: int = 1):
   return _take(x, np.argsort(zigzag_indices(x.shape[axis], num_shards)), axis)
 
 
-def _config(q, k, scale, causal: bool, interpret: bool) -> KernelConfig:
+def _config(q, k, scale, causal: bool, implementation: str,
+            interpret: bool) -> KernelConfig:
   """The kernels' rules for one chunk pair (no variants: plain or causal)."""
-  return KernelConfig(
-      mask=MaskRule(seq_len_q=q.shape[1], seq_len_k=k.shape[1],
-                    is_causal=causal),
-      score=ScoreRule(scale=scale), dropout=DropoutRule(),
-      block_sizes=default_block_sizes(q.shape[-1], q.dtype),
-      interpret=interpret)
+  return kernel_config(
+      MaskRule(seq_len_q=q.shape[1], seq_len_k=k.shape[1], is_causal=causal),
+      ScoreRule(scale=scale), DropoutRule(), implementation, interpret,
+      q.shape[-1], q.dtype)
 
 
 def _pair_forward(q, k, v, *, scale, causal, implementation, interpret):
   """(out [B,T,N,H], lse [B,N,T] f32) of q's chunk against one kv chunk."""
-  config = _config(q, k, scale, causal, interpret)
+  config = _config(q, k, scale, causal, implementation, interpret)
   if implementation == "xla":
     out, lse = reference_attention(q, k, v, mask=config.mask,
                                    score=config.score)
@@ -125,7 +124,7 @@ def _pair_backward_xla(q, k, v, do, lse, delta, *, mask: MaskRule, scale):
 
 def _pair_backward(q, k, v, do, lse, delta, *, scale, causal, implementation,
                    interpret):
-  config = _config(q, k, scale, causal, interpret)
+  config = _config(q, k, scale, causal, implementation, interpret)
   if implementation == "xla":
     return _pair_backward_xla(q, k, v, do, lse, delta, mask=config.mask,
                               scale=scale)
@@ -326,8 +325,8 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False,
     raise ValueError(f"the zigzag layout holds two chunks per device: "
                      f"T_local must be even, got {dims['T']}")
   scale = validation.check_scale(scale, dims["H"])
-  implementation, interpret = _resolve_implementation(implementation,
-                                                      interpret)
+  implementation, interpret = backends.resolve(
+      implementation, interpret, dtype=query.dtype, head_dim=dims["H"])
   options = _Options(axis_name, is_causal, layout, scale, implementation,
                      interpret)
   return _ring(query, key, value, options)

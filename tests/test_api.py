@@ -63,9 +63,13 @@ def test_bad_dtypes():
     (dict(implementation="xla", interpret=True), ValueError,
      "interpret=True applies to the Pallas implementations"),
     (dict(block_sizes=dict(block_q=64)), TypeError,
-     "block_sizes must be a fa2_jax.BlockSizes or None, got dict"),
-    (dict(implementation="mosaic"), NotImplementedError,
-     "implementation='mosaic'.*not available yet"),
+     r"block_sizes must be a fa2_jax.BlockSizes \(triton\), a "
+     r"fa2_jax.MosaicBlocks \(mosaic\) or None, got dict"),
+    (dict(block_sizes=fa2_jax.MosaicBlocks(), implementation="triton"),
+     ValueError, "block_sizes is a MosaicBlocks, tiles of the 'mosaic' "
+     "kernels, but implementation='triton'"),
+    (dict(implementation="mosaic", interpret=True), NotImplementedError,
+     "implementation='mosaic' cannot run in interpret mode"),
 ])
 def test_bad_arguments(kwargs, error, message):
   q, k, v, _ = qkv()

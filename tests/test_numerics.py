@@ -32,17 +32,20 @@ DIFFERENTIABLE = ("bias",)
 
 
 def kernel_fn(*, scale, interpret, block_sizes=None, diff_names=(),
-              **mask_kwargs):
+              implementation="triton", **mask_kwargs):
   """The kernels as jitted fn(q, k, v, *extras) -> (out, lse); the extras are
   the keyword arguments `diff_names`."""
+  if implementation == "mosaic":
+    interpret = None
   return jax.jit(lambda q, k, v, *extras: fa2_jax.flash_attention(
-      q, k, v, scale=scale, return_residual=True, implementation="triton",
-      interpret=interpret, block_sizes=block_sizes, **mask_kwargs,
+      q, k, v, scale=scale, return_residual=True,
+      implementation=implementation, interpret=interpret,
+      block_sizes=block_sizes, **mask_kwargs,
       **dict(zip(diff_names, extras))))
 
 
 def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0,
-                            mask_fn=None):
+                            mask_fn=None, implementation="triton"):
   """Checks out, lse and grads; `mask_fn(batch, T, S)` returns mask kwargs.
 
   Those named in DIFFERENTIABLE (the bias) get their gradient checked too.
@@ -60,7 +63,8 @@ def check_against_reference(shape, dtype, interpret, block_sizes=None, seed=0,
   extras = tuple(mask_kwargs.pop(n) for n in diff_names)
   primals = (q, k, v, *extras)
   fn = kernel_fn(scale=scale, interpret=interpret, block_sizes=block_sizes,
-                 diff_names=diff_names, **mask_kwargs)
+                 diff_names=diff_names, implementation=implementation,
+                 **mask_kwargs)
   (out, lse), grads = numerics.value_and_grads(fn, primals, dout, dlse)
   assert out.dtype == dtype and lse.dtype == jnp.float32
   assert out.shape == q.shape and lse.shape == (batch, heads, seq_q)

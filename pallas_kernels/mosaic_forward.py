@@ -1,0 +1,236 @@
+"""FlashAttention-2 forward (Algorithm 1) for Hopper, Pallas Mosaic GPU.
+
+One CTA per (query tile of CONSUMERS * block_q rows, query head, batch), with
+three warpgroups:
+  * a producer that TMA-copies the K and V tiles the CTA visits into a ring
+    of `stages` shared-memory slots (and the key segment ids with K);
+  * two consumers, each owning 64 rows of Q in shared memory and its own
+    online softmax in registers: S = Q K^T and O += P V are wgmma.
+
+The consumers ping-pong (FlashAttention-3): a shared "schedule" barrier, one
+phase apart, lets one warpgroup's softmax run while the other's matmuls hold
+the tensor cores. Key blocks are visited in the three runs of
+`MaskRule.key_blocks`: the blocks every row sees skip the element-wise mask,
+the diagonal / band-edge blocks apply it, the rest are never loaded.
+"""
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mosaic_tiles as mt
+from pallas_kernels.mask import MaskRule
+from pallas_kernels.scores import ScoreRule
+
+
+def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
+              blocks: mt.MosaicBlocks, q_tile, head, batch, bounds):
+  """One consumer warpgroup: rows [q_tile * 2 bq + wg * bq, + bq)."""
+  bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
+  q_ref, o_ref, lse_ref = refs["q"], refs["out"], refs["lse"]
+  q_smem = scratch["q"].at[wg]
+  k_smem, v_smem = scratch["k"], scratch["v"]
+  bars = scratch["bars"]
+  dtype = q_ref.dtype
+  start, end = bounds[0], bounds[3]
+  row0 = q_tile * (mt.CONSUMERS * bq) + wg * bq
+  rows = pl.ds(row0, bq)
+
+  plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem,
+                          bars["q"].at[wg])
+  if mask.has_segments:
+    plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows],
+                            scratch["q_seg"].at[wg], bars["q"].at[wg])
+  plgpu.barrier_wait(bars["q"].at[wg])
+  q_seg = (mt.load_vector(scratch["q_seg"].at[wg], axis=0)
+           if mask.has_segments else None)
+
+  def schedule():  # both consumers meet here, one phase apart
+    plgpu.barrier_arrive(bars["schedule"])
+    plgpu.barrier_wait(bars["schedule"])
+
+  def step(kv_block, carry, *, masked: bool):
+    acc, m_i, l_i = carry
+    slot = mt.slot_of(kv_block - start, stages)
+
+    def qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+      schedule()  # the other consumer's softmax runs during this wgmma
+      return acc_ref[...]
+
+    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+    s, _ = score.logits_log2(s)
+    if masked:
+      kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
+                if mask.has_segments else None)
+      visible = mt.tile_visible(mask, (bq, bk), row0, kv_block * bk,
+                                query_axis=0, q_seg=q_seg, kv_seg=kv_seg)
+      s = jnp.where(visible, s, -jnp.inf)
+    plgpu.barrier_arrive(bars["k_free"].at[slot])
+
+    # Online softmax (Algorithm 1, lines 9-10), base 2.
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    # A row that has seen no visible key keeps m = -inf: subtract 0 then.
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s - mt.broadcast(m_use, s.shape, 0))
+    acc = acc * mt.broadcast(alpha, acc.shape, 0)
+    l_i = l_i * alpha + p.sum(axis=1)
+    p16 = p.astype(dtype)
+    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+    plgpu.barrier_arrive(bars["schedule"])  # softmax done
+    plgpu.barrier_wait(bars["v_ready"].at[slot])
+    plgpu.barrier_wait(bars["schedule"])  # tensor cores free
+
+    def pv(acc_ref):
+      plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+      nxt = kv_block + 1
+
+      @pl.when(nxt < end)  # the next K lands while this wgmma runs
+      def _():
+        plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(nxt - start,
+                                                         stages)])
+
+    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(bars["v_free"].at[slot])
+    return acc, m_new, l_i
+
+  carry = (mt.wgmma_zeros((bq, q_smem.shape[-1])),
+           mt.row_vector(-jnp.inf, bq), mt.row_vector(0.0, bq))
+
+  @pl.when(end > start)
+  def _():
+    plgpu.barrier_wait(bars["k_ready"].at[0])
+
+  pl.when(wg == 1)(schedule)
+  carry = mt.visit_runs(bounds, mask.key_loops(), step, carry)
+  pl.when(wg == 0)(schedule)
+
+  # One final rescale (line 12); rows that saw no key output 0, lse -inf.
+  acc, m_i, l_i = carry
+  empty = l_i == 0.0
+  l_safe = jnp.where(empty, 1.0, l_i)
+  q_smem[...] = (acc / mt.broadcast(l_safe, acc.shape, 0)).astype(dtype)
+  lse_smem = scratch["lse"].at[wg]
+  lse_smem[...] = jnp.where(empty, -jnp.inf,
+                            (m_i + jnp.log2(l_safe)) * mt.LN2)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
+  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _producer(refs, scratch, *, mask: MaskRule, blocks: mt.MosaicBlocks,
+              head, batch, group: int, bounds):
+  """The TMA warpgroup: K (and key segment ids) and V of every visited
+  block, in order, into the ring."""
+  bk, stages = blocks.block_k, blocks.stages
+  bars = scratch["bars"]
+  start, _, _, end = bounds
+  kv_head = lax.div(head, jnp.asarray(group, head.dtype))
+
+  def load(i, slot, wait_free):
+    keys = pl.ds((start + i) * bk, bk)
+    wait_free(bars["k_free"])
+    plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head],
+                            scratch["k"].at[slot], bars["k_ready"].at[slot])
+    if mask.has_segments:
+      plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
+                              scratch["kv_seg"].at[slot],
+                              bars["k_ready"].at[slot])
+    wait_free(bars["v_free"])
+    plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head],
+                            scratch["v"].at[slot], bars["v_ready"].at[slot])
+
+  mt.fill_ring(end - start, stages, load)
+
+
+def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
+            group: int, num_q_tiles: int):
+  names = ["q", "k", "v"] + (["q_seg", "kv_seg"] if mask.has_segments else [])
+  names += ["out", "lse"]
+  refs = dict(zip(names, args[:len(names)]))
+  (scratch,) = args[len(names):]
+  wg = lax.axis_index("wg")
+  q_tile = num_q_tiles - 1 - lax.axis_index("q")  # heaviest (causal) first
+  head, batch = lax.axis_index("n"), lax.axis_index("b")
+  bounds = mt.block_bounds(mask.key_blocks(
+      q_tile, mt.CONSUMERS * blocks.block_q, blocks.block_k), mask)
+
+  @pl.when(wg < mt.CONSUMERS)
+  def _():
+    plgpu.set_max_registers(mt.CONSUMER_REGISTERS, action="increase")
+    _consumer(wg, refs, scratch, mask=mask, score=score, blocks=blocks,
+              q_tile=q_tile, head=head, batch=batch, bounds=bounds)
+
+  @pl.when(wg == mt.CONSUMERS)
+  def _():
+    plgpu.set_max_registers(mt.PRODUCER_REGISTERS, action="decrease")
+    _producer(refs, scratch, mask=mask, blocks=blocks, head=head,
+              batch=batch, group=group, bounds=bounds)
+
+
+def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype):
+  bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
+  k_copies = 2 if mask.has_segments else 1
+  scratch = dict(
+      q=mt.tile_smem((mt.CONSUMERS, bq, head_dim), dtype),
+      k=mt.tile_smem((stages, bk, head_dim), dtype),
+      v=mt.tile_smem((stages, bk, head_dim), dtype),
+      lse=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32),
+      bars=dict(
+          q=plgpu.Barrier(num_arrivals=k_copies, num_barriers=mt.CONSUMERS),
+          k_ready=plgpu.Barrier(num_arrivals=k_copies, num_barriers=stages),
+          v_ready=plgpu.Barrier(num_barriers=stages),
+          k_free=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
+                               num_barriers=stages),
+          v_free=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
+                               num_barriers=stages),
+          schedule=plgpu.Barrier(num_arrivals=mt.CONSUMERS)))
+  if mask.has_segments:
+    scratch["q_seg"] = plgpu.SMEM((mt.CONSUMERS, bq), jnp.int32)
+    scratch["kv_seg"] = plgpu.SMEM((stages, bk), jnp.int32)
+  return scratch
+
+
+def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
+            blocks: mt.MosaicBlocks):
+  """FlashAttention-2 forward on Hopper.
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, S, K, H], float16 or bfloat16, N a multiple
+      of K, H <= 256 (padded to 64, 128 or 256).
+    segments: None, or (q_segments [B, T], kv_segments [B, S]) int32
+      (iff `mask.has_segments`).
+    mask: the visibility rule (no mask array); score: scale and soft cap
+      (no bias, no ALiBi).
+  Returns:
+    out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
+  """
+  mt.check_supported(q, k)
+  batch, seq_len_q, num_heads, head_dim = q.shape
+  seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
+  hp = mt.padded_head_dim(head_dim)
+  rows_per_cta = mt.CONSUMERS * blocks.block_q
+  tp = mt.round_up(seq_len_q, rows_per_cta)
+  sp = mt.round_up(seq_len_k, blocks.block_k)
+  inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
+            mt.pad_tokens(v, sp, hp), *mt.pad_segments(segments, tp, sp))
+  num_q_tiles = tp // rows_per_cta
+  kernel = functools.partial(
+      _kernel, mask=mask, score=score, blocks=blocks,
+      group=num_heads // num_kv_heads, num_q_tiles=num_q_tiles)
+  out, lse = plgpu.kernel(
+      kernel,
+      out_type=(mt.out_struct((batch, tp, num_heads, hp), q.dtype, q),
+                mt.out_struct((batch, num_heads, tp), jnp.float32, q)),
+      scratch_types=[_scratch(mask, blocks, hp, q.dtype)],
+      grid=(num_q_tiles, num_heads, batch),
+      grid_names=("q", "n", "b"),
+      num_threads=mt.CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=mt.compiler_params(),
+  )(*inputs)
+  return out[:, :seq_len_q, :, :head_dim], lse[:, :, :seq_len_q]

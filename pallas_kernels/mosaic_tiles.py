@@ -1,0 +1,233 @@
+"""Pieces shared by the Mosaic GPU (Hopper) kernels: geometry, padding,
+shared-memory tiles, and the element-wise mask of one wgmma tile.
+
+Every Hopper kernel is warp-specialized: `CONSUMERS` warpgroups compute (each
+owns a 64-row wgmma tile) and one producer warpgroup issues the TMA copies
+that fill a ring of `stages` shared-memory slots. A slot is full when its
+"ready" barrier completes (the copy engine counts the bytes in) and free again
+when every consumer has arrived on its "free" barrier.
+
+The wrappers pad the sequences to whole tiles and head_dim to 64, 128 or 256
+(zeros: they add nothing to q.k, and the padded output columns are sliced
+off). Padded keys are hidden by the mask rule (`MaskRule.seq_len_k` is the
+true S); padded query rows are computed and dropped.
+"""
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mask import MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT
+
+LN2 = math.log(2.0)
+LOG2E = math.log2(math.e)
+WGMMA_ROWS = 64  # the M of one warpgroup's wgmma
+CONSUMERS = 2    # compute warpgroups per CTA
+HEAD_DIMS = (64, 128, 256)
+DTYPES = (jnp.float16, jnp.bfloat16)
+# Registers per thread: consumers take what the producer gives up
+# ((2 * 232 + 40) * 128 threads fits the 64K register file).
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MosaicBlocks:
+  """Tiles of the Hopper kernels (each a multiple of 64); hashable.
+
+  block_q: query rows per consumer warpgroup in the forward and dQ kernels
+    (a CTA holds CONSUMERS * block_q rows).
+  block_k: keys per pipeline step in the forward and dQ kernels.
+  block_q_dkv, block_k_dkv: the dK/dV kernel streams [block_q_dkv, H] tiles
+    of Q and dO past CONSUMERS * block_k_dkv resident keys.
+  stages: depth of the shared-memory ring of every kernel.
+  """
+  block_q: int = 64
+  block_k: int = 128
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  stages: int = 2
+
+  def __post_init__(self):
+    for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
+      value = getattr(self, field)
+      if not isinstance(value, int) or value <= 0 or value % 64:
+        raise ValueError(f"MosaicBlocks.{field} must be a positive multiple "
+                         f"of 64, got {value!r}")
+    if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
+      raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
+                       f"{self.stages!r}")
+
+
+def default_mosaic_blocks(head_dim: int) -> MosaicBlocks:
+  """The Hopper tiles for a head_dim (swept at 16k on an H100,
+  benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
+  shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV."""
+  if head_dim > 128:
+    return MosaicBlocks(block_q=64, block_k=64, block_q_dkv=64,
+                        block_k_dkv=64, stages=2)
+  if head_dim <= 64:
+    return MosaicBlocks(block_q_dkv=128)
+  return MosaicBlocks()
+
+
+def padded_head_dim(head_dim: int) -> int:
+  """64, 128 or 256: the head_dim the Hopper kernels compute with."""
+  for h in HEAD_DIMS:
+    if head_dim <= h:
+      return h
+  raise ValueError(f"head_dim {head_dim} exceeds {HEAD_DIMS[-1]}")
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def pad_axis(x, axis: int, size: int, value=0):
+  """x zero- (or `value`-) padded along `axis` to `size`."""
+  if x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def pad_tokens(x, seq_len: int, head_dim: int):
+  """[B, L, heads, H] padded to [B, seq_len, heads, head_dim]."""
+  return pad_axis(pad_axis(x, 1, seq_len), 3, head_dim)
+
+
+def pad_segments(segments, seq_len_q: int, seq_len_k: int):
+  """(q [B, T], kv [B, S]) segment ids padded to the tiles, or ()."""
+  if segments is None:
+    return ()
+  q_seg, kv_seg = segments
+  return (pad_axis(q_seg, 1, seq_len_q, PAD_QUERY_SEGMENT),
+          pad_axis(kv_seg, 1, seq_len_k, PAD_KEY_SEGMENT))
+
+
+def tile_smem(shape, dtype):
+  """A shared-memory buffer of [..., rows, H] tiles as wgmma reads them:
+  8x64 tiles, 128-byte swizzle."""
+  return plgpu.SMEM(shape, dtype, transforms=(
+      plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def out_struct(shape, dtype, like):
+  """A kernel output typed to vary over the same `shard_map` axes as `like`."""
+  return jax.ShapeDtypeStruct(shape, dtype,
+                              manual_axis_type=jax.typeof(like).mat)
+
+
+def compiler_params():
+  return plgpu.CompilerParams(approx_math=True)
+
+
+def wgmma_zeros(shape):
+  """A float32 zero array in the wgmma accumulator layout."""
+  return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def row_vector(value, rows: int):
+  """A [rows] float32 vector laid out like a reduction over a tile's keys."""
+  return plgpu.layout_cast(jnp.full((rows,), value, jnp.float32),
+                           plgpu.Layout.WGMMA.reduce(1))
+
+
+def load_vector(smem, axis: int):
+  """A [n] vector from SMEM, laid out to broadcast along `axis` of a wgmma
+  tile (axis 0: one value per row; axis 1: one per column)."""
+  return plgpu.load(smem, layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def broadcast(vector, shape, axis: int):
+  """vector [shape[axis]] repeated along the other axis of a 2-D tile."""
+  return lax.broadcast_in_dim(vector, shape, [axis])
+
+
+def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
+                 query_axis: int, q_seg=None, kv_seg=None):
+  """The mask rule on one [rows, cols] wgmma tile.
+
+  Args:
+    shape: the tile's shape; query_axis: which of its axes indexes queries
+      (0 in the forward and dQ kernels, 1 in the dK/dV kernel).
+    row_start, col_start: the first query and key index of the tile, in
+      the order (queries, keys).
+    q_seg, kv_seg: segment-id vectors from `load_vector` (or None).
+  """
+  key_axis = 1 - query_axis
+  q_idx = plgpu.broadcasted_iota(jnp.int32, shape, query_axis,
+                                 layout=plgpu.Layout.WGMMA) + row_start
+  k_idx = plgpu.broadcasted_iota(jnp.int32, shape, key_axis,
+                                 layout=plgpu.Layout.WGMMA) + col_start
+  if mask.has_segments:
+    q_seg = broadcast(q_seg, shape, query_axis)
+    kv_seg = broadcast(kv_seg, shape, key_axis)
+  return mask.visible(q_idx, k_idx, q_seg, kv_seg)
+
+
+def slot_of(i, stages: int):
+  """The ring slot of pipeline step i (an int32 scalar)."""
+  return lax.rem(i, jnp.asarray(stages, i.dtype))
+
+
+def fill_ring(num_steps, stages: int, load):
+  """The producer's loop: step i waits until its slot is free (from the
+  second round on), then `load(i, slot, wait_free)` issues its copies;
+  `wait_free()` must be called before each copy that overwrites a slot."""
+
+  @pl.loop(0, num_steps)
+  def _(i):
+    slot = slot_of(i, stages)
+
+    def wait_free(barrier):
+      @pl.when(i >= stages)
+      def _():
+        plgpu.barrier_wait(barrier.at[slot])
+
+    load(i, slot, wait_free)
+
+
+def block_bounds(bounds, mask: MaskRule):
+  """A `key_blocks` / `query_blocks` range as the kernels visit it: with
+  segment ids every block needs the element-wise mask, so all of
+  [start, end) moves into the leading (masked) run, the only one
+  `key_loops` / `query_loops` compile then."""
+  if not mask.has_segments:
+    return bounds
+  start, _, _, end = bounds
+  return start, end, end, end
+
+
+def visit_runs(bounds, loops: dict, step, carry):
+  """`step(block, carry, masked=...)` over the three runs of a
+  `MaskRule.key_blocks` / `query_blocks` range; `loops` says which runs can
+  be non-empty (`MaskRule.key_loops` / `query_loops`)."""
+  start, full_start, full_end, end = bounds
+  runs = [(start, full_start, True, loops["leading"]),
+          (full_start, full_end, False, loops["middle"]),
+          (full_end, end, True, loops["trailing"])]
+  for lo, hi, masked, present in runs:
+    if present:
+      carry = lax.fori_loop(lo, hi, functools.partial(step, masked=masked),
+                            carry)
+  return carry
+
+
+def check_supported(q, k):
+  """Raises NotImplementedError for inputs the Hopper kernels do not take."""
+  if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES):
+    raise NotImplementedError(
+        f"the mosaic kernels take float16 or bfloat16, got "
+        f"{jnp.dtype(q.dtype).name}")
+  if q.shape[-1] > HEAD_DIMS[-1]:
+    raise NotImplementedError(
+        f"the mosaic kernels take head_dim <= {HEAD_DIMS[-1]}, got "
+        f"{q.shape[-1]}")
+  del k

@@ -1,0 +1,150 @@
+"""The Hopper (Mosaic GPU) kernels: the shared numerics and variant cases
+against the reference with FA2's error rule, bitwise repeatability, dispatch
+and unsupported arguments.
+
+Mosaic GPU kernels cannot be interpreted (wgmma, TMA): the numerics run only
+with `--compiled` on a Hopper GPU; elsewhere the tests check the errors.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fa2_jax
+from fa2_jax import backends
+from tests import numerics
+from tests.test_numerics import SHAPES, check_against_reference
+from tests.test_variants import CASES
+
+# The variants the Hopper kernels carry (no bias, mask array, ALiBi, dropout).
+MOSAIC_CASES = [
+    "bottom_right-T<S", "bottom_right-T>S", "window-causal", "window-2sided",
+    "window-int-bottom_right", "lengths", "lengths-causal", "packed-causal",
+    "segments-unsorted-cross", "soft_cap", "soft_cap-causal-window"]
+SMALL_MOSAIC_TILES = fa2_jax.MosaicBlocks(block_q=64, block_k=64,
+                                          block_q_dkv=64, block_k_dkv=64,
+                                          stages=3)
+
+
+@pytest.fixture(scope="module")
+def hopper(interpret):
+  if interpret or not backends.is_hopper():
+    pytest.skip("the mosaic kernels compile only for a Hopper GPU "
+                "(run with --compiled on an H100/H200)")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(shape, dtype, hopper):
+  check_against_reference(shape, dtype, False, implementation="mosaic")
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 300, 260, 4, 2, 64, True), id="300x260-h64-gqa-causal"),
+    pytest.param((1, 256, 256, 2, 2, 128, False), id="256-h128"),
+    pytest.param((1, 200, 330, 2, 1, 128, True), id="200x330-h128-mqa"),
+    pytest.param((1, 130, 150, 2, 2, 256, True), id="130x150-h256-causal"),
+    pytest.param((1, 100, 100, 4, 4, 200, False), id="h200"),
+])
+def test_tile_geometry(shape, hopper):
+  """Several CTAs and pipeline rounds, partial last tiles, head_dim 256."""
+  check_against_reference(shape, jnp.bfloat16, False,
+                          implementation="mosaic")
+
+
+@pytest.mark.parametrize("name", MOSAIC_CASES)
+def test_variant_matches_reference(name, hopper):
+  shape, mask_fn = CASES[name]
+  check_against_reference(shape, jnp.bfloat16, False, mask_fn=mask_fn,
+                          seed=11, implementation="mosaic")
+
+
+@pytest.mark.parametrize("name", ["window-2sided", "bottom_right-T<S",
+                                  "packed-causal"])
+def test_small_tiles(name, hopper):
+  """64-key tiles, 3 stages: more blocks, ring slots reused more often."""
+  shape, mask_fn = CASES[name]
+  check_against_reference(shape, jnp.bfloat16, False,
+                          block_sizes=SMALL_MOSAIC_TILES, mask_fn=mask_fn,
+                          seed=11, implementation="mosaic")
+
+
+def test_combined_variants(hopper):
+  """Packing, padding, window, soft cap, bottom-right, GQA at once."""
+  def mask_fn(b, t, s):
+    from tests.test_variants import lengths, packed_ids
+    return dict(q_segment_ids=packed_ids(b, t, 3, 7),
+                query_seq_lengths=lengths(b, t, 8),
+                key_value_seq_lengths=lengths(b, s, 9),
+                local_window_size=(50, 0), logits_soft_cap=3.0,
+                causal_alignment="bottom_right")
+  for dtype in (jnp.bfloat16, jnp.float16):
+    check_against_reference((2, 140, 140, 4, 2, 40, True), dtype, False,
+                            mask_fn=mask_fn, seed=12,
+                            implementation="mosaic")
+
+
+def _fwd_bwd(q, k, v, dout, **kwargs):
+  out, vjp = jax.vjp(functools.partial(
+      fa2_jax.flash_attention, is_causal=True, implementation="mosaic",
+      **kwargs), q, k, v)
+  return (out, *vjp(dout))
+
+
+def test_bitwise_repeatable(hopper):
+  q, k, v, dout, _ = numerics.random_inputs(
+      3, batch=2, seq_q=640, seq_k=640, heads=8, kv_heads=2, head_dim=128,
+      dtype=jnp.bfloat16)
+  run = jax.jit(_fwd_bwd)
+  first = run(q, k, v, dout)
+  for _ in range(3):
+    for a, b in zip(first, run(q, k, v, dout)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _lowered(**kwargs):
+  q = jnp.ones((1, 128, 2, 64), jnp.bfloat16)
+  return jax.jit(lambda q: fa2_jax.flash_attention(q, q, q, **kwargs)).lower(
+      q).as_text()
+
+
+def test_default_picks_mosaic_when_supported(hopper):
+  assert "mosaic_gpu" in _lowered(is_causal=True)
+  # A bias is not carried by the Hopper kernels: the Triton ones run it.
+  bias = jnp.zeros((128, 128), jnp.float32)
+  assert "mosaic_gpu" not in _lowered(bias=bias)
+  assert "mosaic_gpu" not in _lowered(block_sizes=fa2_jax.BlockSizes())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bias=jnp.zeros((32, 32))), "does not support: bias"),
+    (dict(mask=jnp.ones((32, 32), bool)), "does not support: mask"),
+    (dict(alibi_slopes=jnp.ones((2,))), "does not support: alibi_slopes"),
+    (dict(dropout_rate=0.1, dropout_rng=jax.random.key(0)),
+     r"does not support: dropout_rate > 0"),
+])
+def test_unsupported_arguments_raise(kwargs, message, hopper):
+  q = jnp.ones((1, 32, 2, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match=message):
+    fa2_jax.flash_attention(q, q, q, implementation="mosaic", **kwargs)
+
+
+def test_float32_is_unsupported(hopper):
+  q = jnp.ones((1, 32, 2, 64), jnp.float32)
+  with pytest.raises(NotImplementedError,
+                     match=r"does not support: dtype float32 \(float16 and "
+                           r"bfloat16 only\)"):
+    fa2_jax.flash_attention(q, q, q, implementation="mosaic")
+
+
+def test_needs_a_hopper_gpu():
+  if backends.is_hopper():
+    pytest.skip("this machine has a Hopper GPU")
+  q = jnp.ones((1, 32, 2, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError,
+                     match=r"implementation='mosaic' needs a Hopper GPU "
+                           r"\(compute capability 9.x\), found "):
+    fa2_jax.flash_attention(q, q, q, implementation="mosaic")
