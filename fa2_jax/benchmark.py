@@ -136,14 +136,16 @@ def speed_sweep(impls, *, seq_lens, head_dims, causals, passes, **case_kwargs):
   return rows
 
 
-def variant_sweep(*, seq_lens, head_dims, passes, **case_kwargs):
-  """Causal attention with a window or packed documents vs plain causal."""
+def variant_sweep(*, seq_lens, head_dims, passes, fa2_impls=("fa2-triton",),
+                  **case_kwargs):
+  """Causal attention with a window or packed documents vs plain causal, for
+  the fa2 implementations `fa2_impls` (and cuDNN where it has the variant)."""
   rows = []
   for seq_len in seq_lens:
     for head_dim in head_dims:
       for pass_ in passes:
         for variant in (None, *VARIANTS):
-          impls = ["fa2-triton"] + (["cudnn"] if variant in (
+          impls = list(fa2_impls) + (["cudnn"] if variant in (
               None, "window-1k") else [])
           for impl in impls:
             rows.append(run_case(impl, seq_len=seq_len, head_dim=head_dim,
@@ -257,7 +259,9 @@ def main(argv=None):
   env = environment()
   if args.variants:
     rows = variant_sweep(seq_lens=args.seq_lens, head_dims=args.head_dims,
-                         passes=passes, **case_kwargs)
+                         passes=passes, fa2_impls=[
+                             i for i in impls if i in implementations.FA2],
+                         **case_kwargs)
     path = os.path.join(args.output_dir, "variants.json")
     with open(path, "w") as f:
       json.dump(dict(environment=env, rows=rows), f, indent=1)

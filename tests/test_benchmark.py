@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fa2_jax import benchmark
+from fa2_jax import backends, benchmark
 from fa2_jax.bench import timing
 
 
@@ -21,7 +21,8 @@ def test_quick_writes_json_and_plots(tmp_path, capsys):
       for p in ("fwd", "bwd", "fwd+bwd")}
   for r in speed:
     assert r["seq_len"] == 128 and r["causal"] is True and r["device"]
-    if r["impl"] == "fa2-mosaic":  # not implemented yet: recorded, no crash
+    if r["impl"] == "fa2-mosaic" and not backends.is_hopper():
+      # Needs a Hopper GPU: the error is recorded, the sweep goes on.
       assert "NotImplementedError" in r["error"]
     else:
       assert r["ms"] > 0 and r["tflops"] > 0, r
