@@ -89,7 +89,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
     implementation: None picks: "mosaic" on a Hopper GPU when it supports
-      the arguments, else "triton" on a GPU, else "xla". "mosaic": the
+      the arguments and runs them faster (T >= 2048, no segment ids:
+      `fa2_jax.backends`), else "triton" on a GPU, else "xla". "mosaic": the
       Hopper kernels (Pallas Mosaic GPU: TMA, wgmma, warp specialization;
       sm90, float16/bfloat16; no bias, mask array, ALiBi or dropout: those
       raise NotImplementedError); "triton": Pallas kernels through the
@@ -116,7 +117,8 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       dropout_rate=dropout_rate, dropout_rng=dropout_rng,
       broadcast_dropout=broadcast_dropout)
   implementation, interpret = backends.resolve(
-      implementation, interpret, rules=r, dtype=query.dtype, head_dim=dims["H"])
+      implementation, interpret, rules=r, dtype=query.dtype, head_dim=dims["H"],
+      seq_len_q=dims["T"])
 
   if implementation == "xla":
     out, lse = reference_attention(query, key, value, mask=r.mask,

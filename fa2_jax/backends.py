@@ -2,9 +2,14 @@
 (Pallas kernels through the Triton lowering, sm80+) or "xla" (reference).
 
 `implementation=None` takes "mosaic" on a Hopper GPU when the Hopper kernels
-support every argument, "triton" on other GPUs (or for what "mosaic" lacks),
-"xla" on the CPU. An explicit "mosaic" that cannot run raises
-NotImplementedError naming why.
+support every argument and are the faster there, "triton" on other GPUs (or
+for what "mosaic" lacks or runs slower), "xla" on the CPU. An explicit
+"mosaic" that cannot run raises NotImplementedError naming why.
+
+Where "mosaic" is slower (measured on an H100, benchmarks/NOTES.md item 11):
+sequences under MOSAIC_MIN_SEQ_LEN queries (a CTA's fixed cost is not
+amortized over so few key blocks) and segment ids (the Hopper kernels do not
+yet skip the key blocks of other documents).
 """
 import jax
 import jax.numpy as jnp
@@ -14,6 +19,7 @@ from pallas_kernels import mosaic_tiles
 
 IMPLEMENTATIONS = ("triton", "mosaic", "xla")
 MAX_KERNEL_HEAD_DIM = 256
+MOSAIC_MIN_SEQ_LEN = 2048
 
 
 def gpu_compute_capability() -> str | None:
@@ -49,7 +55,14 @@ def mosaic_unsupported(rules, *, dtype, head_dim: int) -> list:
   return missing
 
 
-def resolve(implementation, interpret, *, rules=None, dtype, head_dim: int):
+def mosaic_is_faster(rules, *, seq_len_q: int) -> bool:
+  """Whether the Hopper kernels beat the Triton ones on such a call."""
+  has_segments = rules is not None and rules.mask.has_segments
+  return seq_len_q >= MOSAIC_MIN_SEQ_LEN and not has_segments
+
+
+def resolve(implementation, interpret, *, rules=None, dtype, head_dim: int,
+            seq_len_q: int):
   """(implementation, interpret) for one call, validated."""
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS},"
@@ -60,8 +73,8 @@ def resolve(implementation, interpret, *, rules=None, dtype, head_dim: int):
   if implementation is None:
     if interpret or not on_gpu:
       implementation = "triton" if interpret else "xla"
-    elif is_hopper() and not mosaic_unsupported(rules, dtype=dtype,
-                                                 head_dim=head_dim):
+    elif (is_hopper() and mosaic_is_faster(rules, seq_len_q=seq_len_q)
+          and not mosaic_unsupported(rules, dtype=dtype, head_dim=head_dim)):
       implementation = "mosaic"
     else:
       implementation = "triton"

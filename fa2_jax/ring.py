@@ -326,7 +326,8 @@ def ring_attention(query, key, value, *, axis_name, is_causal=False,
                      f"T_local must be even, got {dims['T']}")
   scale = validation.check_scale(scale, dims["H"])
   implementation, interpret = backends.resolve(
-      implementation, interpret, dtype=query.dtype, head_dim=dims["H"])
+      implementation, interpret, dtype=query.dtype, head_dim=dims["H"],
+      seq_len_q=dims["T"])
   options = _Options(axis_name, is_causal, layout, scale, implementation,
                      interpret)
   return _ring(query, key, value, options)
