@@ -71,11 +71,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
       q_smem, do_smem = scratch["q"].at[slot], scratch["do"].at[slot]
       plgpu.barrier_wait(bars["q_ready"].at[slot])
 
-      def s_t(acc_ref):
-        plgpu.wgmma(acc_ref, k_smem, q_smem.T)
-        return acc_ref[...]
-
-      s = pl.run_scoped(s_t, plgpu.ACC((bk, bq), jnp.float32))
+      s = mt.matmul_t(k_smem, q_smem, (bk, bq))  # S^T = K Q^T
       q_seg = (mt.load_vector(scratch["q_seg"].at[slot], axis=1)
                if mask.has_segments else None)
       lse2 = mt.load_vector(scratch["lse"].at[slot], axis=1)
@@ -146,25 +142,16 @@ def _dkdv_producer(refs, scratch, *, mask, blocks, kv_head, batch,
 def _dkdv_kernel(*args, mask, score, blocks, group: int):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
-  names += ["dk", "dv"]
-  refs = dict(zip(names, args[:len(names)]))
-  (scratch,) = args[len(names):]
-  wg = lax.axis_index("wg")
+  refs, scratch = mt.named_refs(args, names + ["dk", "dv"])
   k_tile, kv_head, batch = (lax.axis_index(a) for a in ("k", "kv", "b"))
   bounds = mt.block_bounds(mask.query_blocks(
       k_tile, blocks.block_q_dkv, mt.CONSUMERS * blocks.block_k_dkv), mask)
   common = dict(mask=mask, blocks=blocks, kv_head=kv_head, batch=batch,
                 group=group, bounds=bounds)
-
-  @pl.when(wg < mt.CONSUMERS)
-  def _():
-    plgpu.set_max_registers(mt.CONSUMER_REGISTERS, action="increase")
-    _dkdv_consumer(wg, refs, scratch, score=score, k_tile=k_tile, **common)
-
-  @pl.when(wg == mt.CONSUMERS)
-  def _():
-    plgpu.set_max_registers(mt.PRODUCER_REGISTERS, action="decrease")
-    _dkdv_producer(refs, scratch, **common)
+  mt.warp_specialize(
+      lambda wg: _dkdv_consumer(wg, refs, scratch, score=score,
+                                k_tile=k_tile, **common),
+      lambda: _dkdv_producer(refs, scratch, **common))
 
 
 def _dkdv_scratch(mask, blocks, hp: int, dtype):
@@ -221,11 +208,7 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, q_tile, head,
     k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
     plgpu.barrier_wait(bars["k_ready"].at[slot])
 
-    def qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, k_smem.T)
-      return acc_ref[...]
-
-    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+    s = mt.matmul_t(q_smem, k_smem, (bq, bk))  # S = Q K^T
     kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
               if mask.has_segments and masked else None)
     p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
@@ -233,11 +216,7 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, q_tile, head,
                           k_start=kv_block * bk, q_seg=q_seg, kv_seg=kv_seg)
     plgpu.barrier_wait(bars["v_ready"].at[slot])
 
-    def dp_(acc_ref):
-      plgpu.wgmma(acc_ref, do_smem, v_smem.T)
-      return acc_ref[...]
-
-    dp = pl.run_scoped(dp_, plgpu.ACC((bq, bk), jnp.float32))
+    dp = mt.matmul_t(do_smem, v_smem, (bq, bk))  # dP = dO V^T
     plgpu.barrier_arrive(bars["v_free"].at[slot])
     ds = score.through_cap(p * (dp - mt.broadcast(delta, (bq, bk), 0)), t)
 
@@ -256,75 +235,29 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, q_tile, head,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_producer(refs, scratch, *, mask, blocks, head, batch, group: int,
-                 bounds):
-  bk, stages = blocks.block_k, blocks.stages
-  bars = scratch["bars"]
-  start, _, _, end = bounds
-  kv_head = lax.div(head, jnp.asarray(group, head.dtype))
-
-  def load(i, slot, wait_free):
-    keys = pl.ds((start + i) * bk, bk)
-    wait_free(bars["k_free"])
-    plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head],
-                            scratch["k"].at[slot], bars["k_ready"].at[slot])
-    if mask.has_segments:
-      plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
-                              scratch["kv_seg"].at[slot],
-                              bars["k_ready"].at[slot])
-    wait_free(bars["v_free"])
-    plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head],
-                            scratch["v"].at[slot], bars["v_ready"].at[slot])
-
-  mt.fill_ring(end - start, stages, load)
-
-
 def _dq_kernel(*args, mask, score, blocks, group: int, num_q_tiles: int):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
-  names += ["dq"]
-  refs = dict(zip(names, args[:len(names)]))
-  (scratch,) = args[len(names):]
-  wg = lax.axis_index("wg")
-  q_tile = num_q_tiles - 1 - lax.axis_index("q")
-  head, batch = lax.axis_index("n"), lax.axis_index("b")
-  bounds = mt.block_bounds(mask.key_blocks(
-      q_tile, mt.CONSUMERS * blocks.block_q, blocks.block_k), mask)
-
-  @pl.when(wg < mt.CONSUMERS)
-  def _():
-    plgpu.set_max_registers(mt.CONSUMER_REGISTERS, action="increase")
-    _dq_consumer(wg, refs, scratch, mask=mask, score=score, blocks=blocks,
-                 q_tile=q_tile, head=head, batch=batch, bounds=bounds)
-
-  @pl.when(wg == mt.CONSUMERS)
-  def _():
-    plgpu.set_max_registers(mt.PRODUCER_REGISTERS, action="decrease")
-    _dq_producer(refs, scratch, mask=mask, blocks=blocks, head=head,
-                 batch=batch, group=group, bounds=bounds)
+  mt.query_major_kernel(
+      args, names + ["dq"],
+      functools.partial(_dq_consumer, mask=mask, score=score, blocks=blocks),
+      mask=mask, blocks=blocks, group=group, num_q_tiles=num_q_tiles)
 
 
 def _dq_scratch(mask, blocks, hp: int, dtype):
-  bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
+  bq = blocks.block_q
   segs = 1 if mask.has_segments else 0
+  ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
+                                       hp, dtype)
   scratch = dict(
       q=mt.tile_smem((mt.CONSUMERS, bq, hp), dtype),
       do=mt.tile_smem((mt.CONSUMERS, bq, hp), dtype),
-      k=mt.tile_smem((stages, bk, hp), dtype),
-      v=mt.tile_smem((stages, bk, hp), dtype),
       lse=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32),
-      delta=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32),
-      bars=dict(
-          q=plgpu.Barrier(num_arrivals=4 + segs, num_barriers=mt.CONSUMERS),
-          k_ready=plgpu.Barrier(num_arrivals=1 + segs, num_barriers=stages),
-          v_ready=plgpu.Barrier(num_barriers=stages),
-          k_free=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
-                               num_barriers=stages),
-          v_free=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
-                               num_barriers=stages)))
+      delta=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32), **ring,
+      bars=dict(q=plgpu.Barrier(num_arrivals=4 + segs,
+                                num_barriers=mt.CONSUMERS), **ring_bars))
   if mask.has_segments:
     scratch["q_seg"] = plgpu.SMEM((mt.CONSUMERS, bq), jnp.int32)
-    scratch["kv_seg"] = plgpu.SMEM((stages, bk), jnp.int32)
   return scratch
 
 

@@ -55,7 +55,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     acc, m_i, l_i = carry
     slot = mt.slot_of(kv_block - start, stages)
 
-    def qk(acc_ref):
+    def qk(acc_ref):  # S = Q K^T
       plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
       schedule()  # the other consumer's softmax runs during this wgmma
       return acc_ref[...]
@@ -122,76 +122,28 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _producer(refs, scratch, *, mask: MaskRule, blocks: mt.MosaicBlocks,
-              head, batch, group: int, bounds):
-  """The TMA warpgroup: K (and key segment ids) and V of every visited
-  block, in order, into the ring."""
-  bk, stages = blocks.block_k, blocks.stages
-  bars = scratch["bars"]
-  start, _, _, end = bounds
-  kv_head = lax.div(head, jnp.asarray(group, head.dtype))
-
-  def load(i, slot, wait_free):
-    keys = pl.ds((start + i) * bk, bk)
-    wait_free(bars["k_free"])
-    plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head],
-                            scratch["k"].at[slot], bars["k_ready"].at[slot])
-    if mask.has_segments:
-      plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
-                              scratch["kv_seg"].at[slot],
-                              bars["k_ready"].at[slot])
-    wait_free(bars["v_free"])
-    plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head],
-                            scratch["v"].at[slot], bars["v_ready"].at[slot])
-
-  mt.fill_ring(end - start, stages, load)
-
-
 def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
             group: int, num_q_tiles: int):
   names = ["q", "k", "v"] + (["q_seg", "kv_seg"] if mask.has_segments else [])
-  names += ["out", "lse"]
-  refs = dict(zip(names, args[:len(names)]))
-  (scratch,) = args[len(names):]
-  wg = lax.axis_index("wg")
-  q_tile = num_q_tiles - 1 - lax.axis_index("q")  # heaviest (causal) first
-  head, batch = lax.axis_index("n"), lax.axis_index("b")
-  bounds = mt.block_bounds(mask.key_blocks(
-      q_tile, mt.CONSUMERS * blocks.block_q, blocks.block_k), mask)
-
-  @pl.when(wg < mt.CONSUMERS)
-  def _():
-    plgpu.set_max_registers(mt.CONSUMER_REGISTERS, action="increase")
-    _consumer(wg, refs, scratch, mask=mask, score=score, blocks=blocks,
-              q_tile=q_tile, head=head, batch=batch, bounds=bounds)
-
-  @pl.when(wg == mt.CONSUMERS)
-  def _():
-    plgpu.set_max_registers(mt.PRODUCER_REGISTERS, action="decrease")
-    _producer(refs, scratch, mask=mask, blocks=blocks, head=head,
-              batch=batch, group=group, bounds=bounds)
+  mt.query_major_kernel(
+      args, names + ["out", "lse"],
+      functools.partial(_consumer, mask=mask, score=score, blocks=blocks),
+      mask=mask, blocks=blocks, group=group, num_q_tiles=num_q_tiles)
 
 
 def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype):
-  bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
-  k_copies = 2 if mask.has_segments else 1
+  bq = blocks.block_q
+  ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
+                                       head_dim, dtype)
   scratch = dict(
       q=mt.tile_smem((mt.CONSUMERS, bq, head_dim), dtype),
-      k=mt.tile_smem((stages, bk, head_dim), dtype),
-      v=mt.tile_smem((stages, bk, head_dim), dtype),
-      lse=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32),
+      lse=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32), **ring,
       bars=dict(
-          q=plgpu.Barrier(num_arrivals=k_copies, num_barriers=mt.CONSUMERS),
-          k_ready=plgpu.Barrier(num_arrivals=k_copies, num_barriers=stages),
-          v_ready=plgpu.Barrier(num_barriers=stages),
-          k_free=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
-                               num_barriers=stages),
-          v_free=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
-                               num_barriers=stages),
-          schedule=plgpu.Barrier(num_arrivals=mt.CONSUMERS)))
+          q=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
+                          num_barriers=mt.CONSUMERS),
+          schedule=plgpu.Barrier(num_arrivals=mt.CONSUMERS), **ring_bars))
   if mask.has_segments:
     scratch["q_seg"] = plgpu.SMEM((mt.CONSUMERS, bq), jnp.int32)
-    scratch["kv_seg"] = plgpu.SMEM((stages, bk), jnp.int32)
   return scratch
 
 

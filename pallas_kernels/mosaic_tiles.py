@@ -220,6 +220,98 @@ def visit_runs(bounds, loops: dict, step, carry):
   return carry
 
 
+def matmul_t(a, b, shape):
+  """a @ b^T as a float32 array in the wgmma layout; a, b in shared memory
+  (or a in registers), shape = (rows of a, rows of b)."""
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a, b.T)
+    return acc_ref[...]
+  return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
+                    dtype) -> tuple:
+  """(buffers, barriers) of a ring of K and V tiles (and key segment ids)
+  that the consumers free once each: see `kv_producer`."""
+  buffers = dict(k=tile_smem((stages, block_k, head_dim), dtype),
+                 v=tile_smem((stages, block_k, head_dim), dtype))
+  if mask.has_segments:
+    buffers["kv_seg"] = plgpu.SMEM((stages, block_k), jnp.int32)
+  barriers = dict(
+      k_ready=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
+                            num_barriers=stages),
+      v_ready=plgpu.Barrier(num_barriers=stages),
+      k_free=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+  return buffers, barriers
+
+
+def kv_producer(refs, scratch, *, mask: MaskRule, block_k: int, stages: int,
+                head, batch, group: int, bounds):
+  """The TMA warpgroup of the query-major kernels (forward, dQ): K (with the
+  key segment ids) and V of every visited key block, in order, into the
+  ring of `kv_ring_scratch`."""
+  bars = scratch["bars"]
+  start, end = bounds[0], bounds[3]
+  kv_head = lax.div(head, jnp.asarray(group, head.dtype))
+
+  def load(i, slot, wait_free):
+    keys = pl.ds((start + i) * block_k, block_k)
+    wait_free(bars["k_free"])
+    plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head],
+                            scratch["k"].at[slot], bars["k_ready"].at[slot])
+    if mask.has_segments:
+      plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
+                              scratch["kv_seg"].at[slot],
+                              bars["k_ready"].at[slot])
+    wait_free(bars["v_free"])
+    plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head],
+                            scratch["v"].at[slot], bars["v_ready"].at[slot])
+
+  fill_ring(end - start, stages, load)
+
+
+def named_refs(args, names):
+  """(refs by name, the scratch tree) from a kernel's positional refs."""
+  (scratch,) = args[len(names):]
+  return dict(zip(names, args[:len(names)])), scratch
+
+
+def warp_specialize(consumer, producer):
+  """Runs consumer(wg) on warpgroups 0..CONSUMERS-1 (registers raised) and
+  producer() on the last one (registers lowered)."""
+  wg = lax.axis_index("wg")
+
+  @pl.when(wg < CONSUMERS)
+  def _():
+    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    consumer(wg)
+
+  @pl.when(wg == CONSUMERS)
+  def _():
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    producer()
+
+
+def query_major_kernel(args, names, consumer, *, mask: MaskRule,
+                       blocks: MosaicBlocks, group: int, num_q_tiles: int):
+  """The body of a kernel parallel over query tiles (forward, dQ): grid
+  (q tiles, heads, batch), heaviest tile first; the consumers run
+  consumer(wg, refs, scratch, q_tile=, head=, batch=, bounds=) and the
+  producer streams K and V (`kv_producer`). `names`: the refs in order."""
+  refs, scratch = named_refs(args, names)
+  q_tile = num_q_tiles - 1 - lax.axis_index("q")  # heaviest (causal) first
+  head, batch = lax.axis_index("n"), lax.axis_index("b")
+  bounds = block_bounds(mask.key_blocks(
+      q_tile, CONSUMERS * blocks.block_q, blocks.block_k), mask)
+  warp_specialize(
+      lambda wg: consumer(wg, refs, scratch, q_tile=q_tile, head=head,
+                          batch=batch, bounds=bounds),
+      lambda: kv_producer(refs, scratch, mask=mask, block_k=blocks.block_k,
+                          stages=blocks.stages, head=head, batch=batch,
+                          group=group, bounds=bounds))
+
+
 def check_supported(q, k):
   """Raises NotImplementedError for inputs the Hopper kernels do not take."""
   if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES):
