@@ -9,6 +9,7 @@ hidden 2048), bfloat16.
 """
 import argparse
 import dataclasses
+import functools
 import json
 
 import jax.numpy as jnp
@@ -41,9 +42,8 @@ def main():
                 for a, b, c, d in BWD]
       for causal in (False, True):
         for pass_, blocks in cands:
-          fn = lambda q, k, v, blocks=blocks: fa2_jax.flash_attention(
-              q, k, v, is_causal=causal, implementation="mosaic",
-              block_sizes=blocks)
+          fn = functools.partial(fa2_jax.flash_attention, is_causal=causal,
+                                 implementation="mosaic", block_sizes=blocks)
           row = dict(seq=seq, head_dim=hd, causal=causal, pass_=pass_,
                      blocks=dataclasses.asdict(blocks))
           try:

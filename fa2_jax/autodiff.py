@@ -50,12 +50,16 @@ class KernelConfig:
                 interpret=self.interpret)
 
 
+def _segments(a):
+  """(q_segments, kv_segments) from a launch's named arrays, or None."""
+  if a.get("q_segments") is None:
+    return None
+  return a["q_segments"], a["kv_segments"]
+
+
 def _kernel_variants(a):
   """The kernels' optional arrays by keyword, from a launch's named arrays."""
-  segments = None
-  if a.get("q_segments") is not None:
-    segments = (a["q_segments"], a["kv_segments"])
-  return dict(bias=a.get("bias"), segments=segments,
+  return dict(bias=a.get("bias"), segments=_segments(a),
               alibi_slopes=a.get("alibi_slopes"),
               mask_array=a.get("mask_array"), seeds=a.get("seeds"))
 
@@ -81,8 +85,8 @@ MOSAIC_BACKWARD_HEAD_DIM = 128
 
 
 def _mosaic_rules(a, config: KernelConfig):
-  return dict(segments=_kernel_variants(a)["segments"], mask=config.mask,
-              score=config.score, blocks=config.mosaic_blocks)
+  return dict(segments=_segments(a), mask=config.mask, score=config.score,
+              blocks=config.mosaic_blocks)
 
 
 def _forward_launch(a, config: KernelConfig):

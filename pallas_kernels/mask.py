@@ -106,8 +106,8 @@ class MaskRule:
   def key_loops(self) -> dict:
     """Which of the three key-block loops (see `key_blocks`) can be non-empty.
 
-    With segments, `clamp_to_segments` moves every block into the leading
-    loop; with a mask array the middle (unmasked) loop is empty.
+    With segments, `key_blocks` puts every block in the leading loop; with
+    a mask array the middle (unmasked) loop is empty.
     """
     return dict(leading=self.window_left is not None or self.has_segments,
                 middle=self.dense_blocks, trailing=not self.has_segments)
@@ -173,9 +173,7 @@ class MaskRule:
     full_lo, full_hi = self._key_range(last_pos, first_pos)
     full_start = _clamp(_cdiv_nonneg(full_lo, block_k), start, end)
     full_end = _clamp(_floordiv_nonneg(full_hi + 1, block_k), full_start, end)
-    if not self.dense_blocks:  # element-wise rules: mask every block.
-      full_end = full_start
-    return start, full_start, full_end, end
+    return self._masked_runs(start, full_start, full_end, end)
 
   def query_blocks(self, k_block, block_q: int, block_k: int):
     """Query blocks that key block `k_block` is seen by (see the module doc).
@@ -212,6 +210,15 @@ class MaskRule:
         _cdiv_nonneg(full_lo - self.offset, block_q), start, end)
     full_end = end if full_hi is None else _clamp(
         _floordiv_nonneg(full_hi - self.offset + 1, block_q), full_start, end)
+    return self._masked_runs(start, full_start, full_end, end)
+
+  def _masked_runs(self, start, full_start, full_end, end):
+    """The bounds as `key_loops` / `query_loops` compile them: element-wise
+    rules mask every block; with segment ids all of [start, end) is the
+    leading run (the only one compiled then), otherwise the middle run is
+    empty."""
+    if self.has_segments:
+      return start, end, end, end
     if not self.dense_blocks:
       full_end = full_start
     return start, full_start, full_end, end

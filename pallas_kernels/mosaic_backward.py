@@ -13,10 +13,11 @@ one CTA in a fixed order.
   consumer keeps Q and dO, the producer streams K and V:
   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 
-The LSE comes in as base-2 (`lse * log2 e`, with 0 for rows that see no key:
-their logits are all -inf, so P stays 0).
+The LSE comes in as base 2 (`scores.lse_log2`: +inf for rows that see no
+key and for padded rows, so their P is 0).
 """
 import functools
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -25,7 +26,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_tiles as mt
 from pallas_kernels.mask import MaskRule
-from pallas_kernels.scores import ScoreRule
+from pallas_kernels.outputs import out_struct
+from pallas_kernels.scores import ScoreRule, lse_log2
 
 
 def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
@@ -144,8 +146,8 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int):
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
   refs, scratch = mt.named_refs(args, names + ["dk", "dv"])
   k_tile, kv_head, batch = (lax.axis_index(a) for a in ("k", "kv", "b"))
-  bounds = mt.block_bounds(mask.query_blocks(
-      k_tile, blocks.block_q_dkv, mt.CONSUMERS * blocks.block_k_dkv), mask)
+  bounds = mask.query_blocks(k_tile, blocks.block_q_dkv,
+                             mt.CONSUMERS * blocks.block_k_dkv)
   common = dict(mask=mask, blocks=blocks, kv_head=kv_head, batch=batch,
                 group=group, bounds=bounds)
   mt.warp_specialize(
@@ -274,20 +276,19 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   Returns:
     dq [B, T, N, H], dk and dv [B, S, K, H], in the inputs' dtype.
   """
-  mt.check_supported(q, k)
   batch, seq_len_q, num_heads, head_dim = q.shape
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   hp = mt.padded_head_dim(head_dim)
   # One padded length serves both kernels' query and key tiles.
-  tp = mt.round_up(seq_len_q, max(mt.CONSUMERS * blocks.block_q,
-                                  blocks.block_q_dkv))
-  sp = mt.round_up(seq_len_k, max(mt.CONSUMERS * blocks.block_k_dkv,
-                                  blocks.block_k))
-  lse2 = jnp.where(lse == -jnp.inf, 0.0, lse * mt.LOG2E)
+  tp = mt.round_up(seq_len_q, math.lcm(mt.CONSUMERS * blocks.block_q,
+                                       blocks.block_q_dkv))
+  sp = mt.round_up(seq_len_k, math.lcm(mt.CONSUMERS * blocks.block_k_dkv,
+                                       blocks.block_k))
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
             mt.pad_tokens(v, sp, hp), mt.pad_tokens(do, tp, hp),
-            mt.pad_axis(lse2, 2, tp), mt.pad_axis(delta, 2, tp),
+            mt.pad_axis(lse_log2(lse), 2, tp, jnp.inf),
+            mt.pad_axis(delta, 2, tp),
             *mt.pad_segments(segments, tp, sp))
   common = dict(num_threads=mt.CONSUMERS + 1, thread_name="wg",
                 compiler_params=mt.compiler_params())
@@ -296,8 +297,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   dk, dv = plgpu.kernel(
       functools.partial(_dkdv_kernel, mask=mask, score=score, blocks=blocks,
                         group=group),
-      out_type=(mt.out_struct((batch, sp, num_kv_heads, hp), k.dtype, q),
-                mt.out_struct((batch, sp, num_kv_heads, hp), v.dtype, q)),
+      out_type=(out_struct((batch, sp, num_kv_heads, hp), k.dtype, q),
+                out_struct((batch, sp, num_kv_heads, hp), v.dtype, q)),
       scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype)],
       grid=(num_k_tiles, num_kv_heads, batch), grid_names=("k", "kv", "b"),
       **common)(*inputs)
@@ -306,7 +307,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   dq = plgpu.kernel(
       functools.partial(_dq_kernel, mask=mask, score=score, blocks=blocks,
                         group=group, num_q_tiles=num_q_tiles),
-      out_type=mt.out_struct((batch, tp, num_heads, hp), q.dtype, q),
+      out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
       scratch_types=[_dq_scratch(mask, blocks, hp, q.dtype)],
       grid=(num_q_tiles, num_heads, batch), grid_names=("q", "n", "b"),
       **common)(*inputs)

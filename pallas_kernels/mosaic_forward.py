@@ -22,7 +22,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_tiles as mt
 from pallas_kernels.mask import MaskRule
-from pallas_kernels.scores import ScoreRule
+from pallas_kernels.outputs import out_struct
+from pallas_kernels.scores import LN2, ScoreRule
 
 
 def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
@@ -115,7 +116,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
   q_smem[...] = (acc / mt.broadcast(l_safe, acc.shape, 0)).astype(dtype)
   lse_smem = scratch["lse"].at[wg]
   lse_smem[...] = jnp.where(empty, -jnp.inf,
-                            (m_i + jnp.log2(l_safe)) * mt.LN2)
+                            (m_i + jnp.log2(l_safe)) * LN2)
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
   plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
@@ -161,7 +162,6 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   Returns:
     out [B, T, N, H] in q's dtype, lse [B, N, T] float32 (natural log).
   """
-  mt.check_supported(q, k)
   batch, seq_len_q, num_heads, head_dim = q.shape
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   hp = mt.padded_head_dim(head_dim)
@@ -176,8 +176,8 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       group=num_heads // num_kv_heads, num_q_tiles=num_q_tiles)
   out, lse = plgpu.kernel(
       kernel,
-      out_type=(mt.out_struct((batch, tp, num_heads, hp), q.dtype, q),
-                mt.out_struct((batch, num_heads, tp), jnp.float32, q)),
+      out_type=(out_struct((batch, tp, num_heads, hp), q.dtype, q),
+                out_struct((batch, num_heads, tp), jnp.float32, q)),
       scratch_types=[_scratch(mask, blocks, hp, q.dtype)],
       grid=(num_q_tiles, num_heads, batch),
       grid_names=("q", "n", "b"),

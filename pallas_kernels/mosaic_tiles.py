@@ -14,9 +14,7 @@ true S); padded query rows are computed and dropped.
 """
 import dataclasses
 import functools
-import math
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -24,9 +22,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mask import MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT
 
-LN2 = math.log(2.0)
-LOG2E = math.log2(math.e)
-WGMMA_ROWS = 64  # the M of one warpgroup's wgmma
 CONSUMERS = 2    # compute warpgroups per CTA
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.float16, jnp.bfloat16)
@@ -118,12 +113,6 @@ def tile_smem(shape, dtype):
       plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
 
 
-def out_struct(shape, dtype, like):
-  """A kernel output typed to vary over the same `shard_map` axes as `like`."""
-  return jax.ShapeDtypeStruct(shape, dtype,
-                              manual_axis_type=jax.typeof(like).mat)
-
-
 def compiler_params():
   return plgpu.CompilerParams(approx_math=True)
 
@@ -192,17 +181,6 @@ def fill_ring(num_steps, stages: int, load):
         plgpu.barrier_wait(barrier.at[slot])
 
     load(i, slot, wait_free)
-
-
-def block_bounds(bounds, mask: MaskRule):
-  """A `key_blocks` / `query_blocks` range as the kernels visit it: with
-  segment ids every block needs the element-wise mask, so all of
-  [start, end) moves into the leading (masked) run, the only one
-  `key_loops` / `query_loops` compile then."""
-  if not mask.has_segments:
-    return bounds
-  start, _, _, end = bounds
-  return start, end, end, end
 
 
 def visit_runs(bounds, loops: dict, step, carry):
@@ -302,24 +280,11 @@ def query_major_kernel(args, names, consumer, *, mask: MaskRule,
   refs, scratch = named_refs(args, names)
   q_tile = num_q_tiles - 1 - lax.axis_index("q")  # heaviest (causal) first
   head, batch = lax.axis_index("n"), lax.axis_index("b")
-  bounds = block_bounds(mask.key_blocks(
-      q_tile, CONSUMERS * blocks.block_q, blocks.block_k), mask)
+  bounds = mask.key_blocks(q_tile, CONSUMERS * blocks.block_q,
+                           blocks.block_k)
   warp_specialize(
       lambda wg: consumer(wg, refs, scratch, q_tile=q_tile, head=head,
                           batch=batch, bounds=bounds),
       lambda: kv_producer(refs, scratch, mask=mask, block_k=blocks.block_k,
                           stages=blocks.stages, head=head, batch=batch,
                           group=group, bounds=bounds))
-
-
-def check_supported(q, k):
-  """Raises NotImplementedError for inputs the Hopper kernels do not take."""
-  if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES):
-    raise NotImplementedError(
-        f"the mosaic kernels take float16 or bfloat16, got "
-        f"{jnp.dtype(q.dtype).name}")
-  if q.shape[-1] > HEAD_DIMS[-1]:
-    raise NotImplementedError(
-        f"the mosaic kernels take head_dim <= {HEAD_DIMS[-1]}, got "
-        f"{q.shape[-1]}")
-  del k

@@ -9,6 +9,13 @@ import math
 import jax.numpy as jnp
 
 LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def lse_log2(lse):
+  """The backward's base-2 LSE: lse * log2 e, and +inf for rows that see no
+  key (lse -inf), so that their P = exp2(s - lse2) is 0 whatever s is."""
+  return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

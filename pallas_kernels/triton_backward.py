@@ -24,14 +24,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
-from pallas_kernels.scores import LOG2E, ScoreRule
+from pallas_kernels.outputs import out_struct
+from pallas_kernels.scores import ScoreRule, lse_log2
 from pallas_kernels import triton_tiles as tiles
 
 
 def _load_lse2(ref, rows, seq_len: int):
   """LSE in base 2 with +inf where P must be 0: rows past T, fully masked rows."""
-  lse = tiles.load_row_stats(ref, rows, seq_len, other=jnp.inf)
-  return jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
+  return lse_log2(tiles.load_row_stats(ref, rows, seq_len, other=jnp.inf))
 
 
 def dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
@@ -227,8 +227,8 @@ def backward(q, k, v, do, lse, delta, segments=None, alibi_slopes=None,
       in_specs=[q_group, kv_tile, kv_tile, q_group, stats_group, stats_group,
                 *specs],
       out_specs=[kv_tile, kv_tile],
-      out_shape=[tiles.out_struct(k.shape, k.dtype, q),
-                 tiles.out_struct(v.shape, v.dtype, q)],
+      out_shape=[out_struct(k.shape, k.dtype, q),
+                 out_struct(v.shape, v.dtype, q)],
       compiler_params=params,
       interpret=interpret,
       name="fa2_backward_dkdv",
@@ -278,14 +278,14 @@ def _query_major_call(q, k, v, do, lse, delta, variants, *, mask, score,
   if emit_ds:
     ds_spec = pl.BlockSpec((None, None, g.block_q, g.seq_len_k_padded),
                            lambda i, b, h: (b, h, g.q_block(i), 0))
-    out_shape = tiles.out_struct((batch, num_heads, seq_len_q, seq_len_k),
+    out_shape = out_struct((batch, num_heads, seq_len_q, seq_len_k),
                                  jnp.float32, q)
     aliases = {len(inputs): 0}
     inputs.append(jnp.zeros(out_shape.shape, out_shape.dtype))
     in_specs.append(ds_spec)
     out_spec = ds_spec
   else:
-    out_shape, out_spec, aliases = (tiles.out_struct(q.shape, q.dtype, q),
+    out_shape, out_spec, aliases = (out_struct(q.shape, q.dtype, q),
                                     g.q_spec, {})
   return pl.pallas_call(
       functools.partial(dq_kernel, mask=mask, score=score, dropout=dropout,

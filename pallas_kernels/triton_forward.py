@@ -13,7 +13,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
-from pallas_kernels.scores import ScoreRule
+from pallas_kernels.outputs import out_struct
+from pallas_kernels.scores import LN2, ScoreRule
 from pallas_kernels import triton_tiles as tiles
 
 
@@ -92,7 +93,7 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
     out = out * dropout.keep_scale
   tiles.store_tile(o_ref, out, rows, mask.seq_len_q, head_dim)
   # -- LSE in natural log (Algorithm 1, line 13); -inf for fully masked rows.
-  lse = (m_i + jnp.log2(l_i)) * tiles.LN2
+  lse = (m_i + jnp.log2(l_i)) * LN2
   plgpu.store(lse_ref, lse, mask=rows < mask.seq_len_q)
 
 
@@ -135,8 +136,8 @@ def forward(q, k, v, segments=None, alibi_slopes=None, bias=None,
       in_specs=[g.q_spec, g.kv_spec, g.kv_spec, *specs],
       out_specs=[g.q_spec, g.stats_spec],
       out_shape=[
-          tiles.out_struct(q.shape, q.dtype, q),
-          tiles.out_struct((batch, num_heads, seq_len_q), jnp.float32, q),
+          out_struct(q.shape, q.dtype, q),
+          out_struct((batch, num_heads, seq_len_q), jnp.float32, q),
       ],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps,
                                            num_stages=num_stages),

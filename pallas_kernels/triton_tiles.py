@@ -7,10 +7,8 @@ carries an explicit mask. In interpret mode Pallas pads such blocks with NaN,
 so a missing mask shows up as NaN in the tests.
 """
 import functools
-import math
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -18,7 +16,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import mask as mask_lib
 
-LN2 = math.log(2.0)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -45,13 +42,6 @@ def heavy_first(program, num_programs):
   maps, so that the two agree.
   """
   return num_programs - 1 - program
-
-
-def out_struct(shape, dtype, like):
-  """A kernel output's ShapeDtypeStruct, varying over the same `shard_map`
-  axes as `like` (an input), so the kernels run inside shard_map."""
-  return jax.ShapeDtypeStruct(shape, dtype,
-                              manual_axis_type=jax.typeof(like).mat)
 
 
 class QueryMajorGrid(NamedTuple):

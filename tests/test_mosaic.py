@@ -16,7 +16,7 @@ import fa2_jax
 from fa2_jax import backends
 from tests import numerics
 from tests.test_numerics import SHAPES, check_against_reference
-from tests.test_variants import CASES
+from tests.test_variants import CASES, lengths, packed_ids
 
 # The variants the Hopper kernels carry (no bias, mask array, ALiBi, dropout).
 MOSAIC_CASES = [
@@ -75,7 +75,6 @@ def test_small_tiles(name, hopper):
 def test_combined_variants(hopper):
   """Packing, padding, window, soft cap, bottom-right, GQA at once."""
   def mask_fn(b, t, s):
-    from tests.test_variants import lengths, packed_ids
     return dict(q_segment_ids=packed_ids(b, t, 3, 7),
                 query_seq_lengths=lengths(b, t, 8),
                 key_value_seq_lengths=lengths(b, s, 9),

@@ -35,8 +35,6 @@ def kernel_fn(*, scale, interpret, block_sizes=None, diff_names=(),
               implementation="triton", **mask_kwargs):
   """The kernels as jitted fn(q, k, v, *extras) -> (out, lse); the extras are
   the keyword arguments `diff_names`."""
-  if implementation == "mosaic":
-    interpret = None
   return jax.jit(lambda q, k, v, *extras: fa2_jax.flash_attention(
       q, k, v, scale=scale, return_residual=True,
       implementation=implementation, interpret=interpret,
