@@ -217,3 +217,18 @@ def test_narrow_windows_take_small_tiles():
   # head_dim 256 keeps its own (smaller) tiles.
   assert (fa2_jax.default_block_sizes(256, jnp.bfloat16, key_span=1025)
           == fa2_jax.default_block_sizes(256, jnp.bfloat16))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("block_q", 48, "MosaicBlocks.block_q must be a positive multiple of 64, "
+     "got 48"),
+    ("block_k_dkv", 0, "MosaicBlocks.block_k_dkv must be a positive multiple"),
+    ("block_k", 128.0, "MosaicBlocks.block_k must be a positive multiple"),
+    ("stages", 5, r"MosaicBlocks.stages must be an int in \[2, 4\], got 5"),
+    ("stages", 1, r"MosaicBlocks.stages must be an int in \[2, 4\], got 1"),
+])
+def test_mosaic_blocks_validation(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    fa2_jax.MosaicBlocks(**{field: value})
+  hash(fa2_jax.MosaicBlocks())  # usable as a static argument
+  assert fa2_jax.default_mosaic_blocks(256).block_k == 64
