@@ -44,6 +44,10 @@ def _max(a, b):
   return max(a, b) if _is_int(a, b) else jnp.maximum(a, b)
 
 
+def _select(cond, a, b):
+  return (a if cond else b) if _is_int(a, b) else jnp.where(cond, a, b)
+
+
 def _clamp(x, lo, hi):
   return _min(_max(x, lo), hi)
 
@@ -168,7 +172,10 @@ class MaskRule:
     # Visited: keys that some row of the block may see.
     lo, hi = self._key_range(first_pos, last_pos)
     start = _min(_floordiv_nonneg(lo, block_k), num_k_blocks)
+    # hi < lo: no row sees a key (e.g. a window past S); visit nothing, so
+    # that key_blocks and query_blocks are exact inverses.
     end = _clamp(_cdiv_nonneg(hi + 1, block_k), start, num_k_blocks)
+    end = _select(lo > hi, start, end)
     # Wholly visible: keys that every row of the block sees.
     full_lo, full_hi = self._key_range(last_pos, first_pos)
     full_start = _clamp(_cdiv_nonneg(full_lo, block_k), start, end)

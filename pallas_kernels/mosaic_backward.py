@@ -1,7 +1,7 @@
 """FlashAttention-2 backward (Algorithm 2) for Hopper, Pallas Mosaic GPU.
 
-Two kernels, both deterministic (no atomics): each output tile is summed by
-one CTA in a fixed order.
+Two kernels, both deterministic (no atomics): each output tile is summed in
+a fixed order.
 
 * dK/dV: one CTA per (CONSUMERS * block_k_dkv keys, kv head, batch). Each
   consumer warpgroup keeps 64 keys of K and V in shared memory and dK, dV in
@@ -9,9 +9,16 @@ one CTA in a fixed order.
   the kv head's group (GQA sums inside the CTA) and every query block that
   sees the keys. Per step: S^T = K Q^T, P^T = exp(S^T - LSE),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
+  The dK/dV kernel walks its query blocks from last to first.
 * dQ: one CTA per (CONSUMERS * block_q rows, query head, batch); each
   consumer keeps Q and dO, the producer streams K and V:
   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+* Or, with `MosaicBlocks(fused_dq=True)`, dQ inside the dK/dV kernel (FA2's
+  5 matmuls instead of 7): the consumers pass dS^T through shared memory,
+  each computes half of the partial dQ = dS K of the CTA's keys, and the
+  producer TMA-adds it into a float32 dQ in global memory. The key tiles
+  that visit a query block add in tile order, counted by a global
+  semaphore per (batch, head, query block): deterministic without atomics.
 
 The LSE comes in as base 2 (`scores.lse_log2`: +inf for rows that see no
 key and for padded rows, so their P is 0).
@@ -20,6 +27,7 @@ import functools
 import math
 
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -44,13 +52,40 @@ def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
 
 # ---------------------------------------------------------------- dK / dV
 
+# Ring depth of the fused kernel's float32 dQ tiles (consumers -> producer):
+# the TMA add of one runs while the consumers compute the next.
+DQ_STAGES = 2
+
+
+def dq_split(blocks: mt.MosaicBlocks, head_dim: int) -> str | None:
+  """How the consumers share the fused dQ tile [block_q_dkv, H]: "cols"
+  (each computes H / 2 columns), "rows" (block_q_dkv / 2 rows), or None:
+  the separate dQ kernel runs when neither half is a whole 64-wide tile,
+  and at head_dim 256 (the dS and dQ tiles do not fit in shared memory)."""
+  if not blocks.fused_dq or head_dim > 128:
+    return None
+  if head_dim >= 2 * 64:
+    return "cols"
+  if blocks.block_q_dkv >= 2 * 64:
+    return "rows"
+  return None
+
+
+def _step_order(bounds, group: int):
+  """(num_q, step of (g, q_block)): every kernel walks its query blocks from
+  last to first, so that all key tiles of a causal or full mask reach a
+  query block at the same step and a band's neighbours reach it earlier."""
+  start, end = bounds[0], bounds[3]
+  num_q = end - start
+  return num_q, lambda g, q_block: g * num_q + (end - 1 - q_block)
+
+
 def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
-                   kv_head, batch, group: int, bounds):
+                   kv_head, batch, group: int, bounds, split):
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   bars = scratch["bars"]
   dtype = refs["k"].dtype
-  start, _, _, end = bounds
-  num_q = end - start
+  _, step_of = _step_order(bounds, group)
   key0 = k_tile * (mt.CONSUMERS * bk) + wg * bk
   keys = pl.ds(key0, bk)
   k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
@@ -69,7 +104,8 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
   def head_loop(g, carry):
     def step(q_block, carry, *, masked: bool):
       dk, dv = carry
-      slot = mt.slot_of(g * num_q + q_block - start, stages)
+      i = step_of(g, q_block)
+      slot = mt.slot_of(i, stages)
       q_smem, do_smem = scratch["q"].at[slot], scratch["do"].at[slot]
       plgpu.barrier_wait(bars["q_ready"].at[slot])
 
@@ -91,19 +127,33 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
       dv, dp = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
                                     plgpu.ACC.init(mt.wgmma_zeros((bk, bq)))))
       delta = mt.load_vector(scratch["delta"].at[slot], axis=1)
-      ds = score.through_cap(p * (dp - mt.broadcast(delta, (bk, bq), 1)), t)
+      ds = score.through_cap(p * (dp - mt.broadcast(delta, (bk, bq), 1)),
+                             t).astype(dtype)
+      if split:  # dS^T to shared memory, for the dQ matmul of both halves
+        @pl.when(i > 0)  # both consumers' last dQ matmuls have read it
+        def _():
+          plgpu.barrier_wait(bars["ds_free"])
+        scratch["ds"].at[wg][...] = ds
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(bars["ds_ready"])
 
       def dk_acc(acc_ref):
-        plgpu.wgmma(acc_ref, ds.astype(dtype), q_smem)
+        plgpu.wgmma(acc_ref, ds, q_smem)
 
       dk = pl.run_state(dk_acc)(plgpu.ACC.init(dk))
       plgpu.barrier_arrive(bars["free"].at[slot])
+      if split:
+        _dq_tile(wg, i, scratch, split=split, bq=bq, hp=hp)
       return dk, dv
 
-    return mt.visit_runs(bounds, mask.query_loops(), step, carry)
+    return mt.visit_runs(bounds, mask.query_loops(), step, carry,
+                         reverse=True)
 
   zeros = mt.wgmma_zeros((bk, hp))
   dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
+  if split:  # the other consumer's last dQ matmul may still read our K
+    plgpu.barrier_arrive(bars["k_read"])
+    plgpu.barrier_wait(bars["k_read"])
   k_smem[...] = (dk * score.scale).astype(dtype)
   v_smem[...] = dv.astype(dtype)
   plgpu.commit_smem()
@@ -112,17 +162,59 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dkdv_producer(refs, scratch, *, mask, blocks, kv_head, batch,
-                   group: int, bounds):
+def _dq_half(h, split: str, bq: int, hp: int):
+  """The columns (split "cols") or rows ("rows") of the dQ tile that
+  consumer h computes."""
+  size = (hp if split == "cols" else bq) // mt.CONSUMERS
+  return pl.ds(h * size, size)
+
+
+def _dq_tile(wg, i, scratch, *, split: str, bq: int, hp: int):
+  """Consumer `wg`'s half of step i's partial dQ = dS K over the CTA's keys
+  (both consumers' dS^T, from shared memory), into the ring of dQ tiles
+  that the producer adds to global memory."""
+  bars = scratch["bars"]
+  plgpu.barrier_wait(bars["ds_ready"])
+  slot = mt.slot_of(i, DQ_STAGES)
+
+  @pl.when(i >= DQ_STAGES)  # the producer has read this slot's last tile
+  def _():
+    plgpu.barrier_wait(bars["dq_free"].at[slot])
+
+  ds, k = scratch["ds"], scratch["k"]
+  half = _dq_half(wg, split, bq, hp)
+  if split == "cols":
+    operands = lambda w: (ds.at[w].T, k.at[w].at[:, half])
+  else:
+    operands = lambda w: (ds.at[w].at[:, half].T, k.at[w])
+
+  def dq_acc(acc_ref):
+    for w in range(mt.CONSUMERS):
+      plgpu.wgmma(acc_ref, *operands(w))
+    return acc_ref[...]
+
+  tile = pl.run_scoped(dq_acc, plgpu.ACC(scratch["dq"].shape[1:],
+                                         jnp.float32))
+  plgpu.barrier_arrive(bars["ds_free"])
+  scratch["dq"].at[slot * mt.CONSUMERS + wg][...] = tile
+  plgpu.commit_smem()
+  plgpu.barrier_arrive(bars["dq_ready"].at[slot])
+
+
+def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
+                   batch, group: int, bounds, split):
   bq, stages = blocks.block_q_dkv, blocks.stages
   bars = scratch["bars"]
-  start, _, _, end = bounds
-  num_q = jnp.maximum(end - start, 1)
+  num_q, _ = _step_order(bounds, group)
+  divisor = jnp.maximum(num_q, 1)
+
+  def head_and_rows(i):  # the inverse of _step_order
+    g = lax.div(i, divisor)
+    return kv_head * group + g, bounds[3] - 1 - lax.rem(i, divisor)
 
   def load(i, slot, wait_free):
-    g = lax.div(i, num_q)
-    head = kv_head * group + g
-    rows = pl.ds((start + lax.rem(i, num_q)) * bq, bq)
+    head, q_block = head_and_rows(i)
+    rows = pl.ds(q_block * bq, bq)
     wait_free(bars["free"])
     ready = bars["q_ready"].at[slot]
     plgpu.copy_gmem_to_smem(refs["q"].at[batch, rows, head],
@@ -138,25 +230,72 @@ def _dkdv_producer(refs, scratch, *, mask, blocks, kv_head, batch,
     plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, rows],
                             scratch["delta"].at[slot], ready)
 
-  mt.fill_ring(group * (end - start), stages, load)
+  def semaphore(i):
+    """The counter of step i's (batch, head, query block) and our rank in
+    its order: the key tiles that visit the block add in tile order."""
+    head, q_block = head_and_rows(i)
+    num_q_blocks = refs["dq"].shape[1] // bq
+    first = mask.key_blocks(q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[0]
+    index = (batch * refs["dq"].shape[2] + head) * num_q_blocks + q_block
+    return sems.at[index], k_tile - first
+
+  def add_dq(i):
+    """Adds step i's dQ tile into the float32 dQ once the key tiles before
+    ours have (the first stores it). Step i - 1's add is then awaited and
+    signalled: one step of slack, so the TMA's round trip to L2 does not
+    stall the pipeline."""
+    head, q_block = head_and_rows(i)
+    sem, rank = semaphore(i)
+    slot = mt.slot_of(i, DQ_STAGES)
+    plgpu.barrier_wait(bars["dq_ready"].at[slot])
+    plgpu.semaphore_wait(sem, rank, decrement=False, memory_scope="gpu")
+    for h in range(mt.CONSUMERS):
+      src = scratch["dq"].at[slot * mt.CONSUMERS + h]
+      dst = refs["dq"].at[batch, pl.ds(q_block * bq, bq), head]
+      half = _dq_half(h, split, bq, dst.shape[-1])
+      dst = dst.at[:, half] if split == "cols" else dst.at[half, :]
+      plgpu.copy_smem_to_gmem(src, dst, predicate=rank == 0,
+                              commit_group=False)
+      plgpu.copy_smem_to_gmem(src, dst, predicate=rank > 0,
+                              reduction_op="add", commit_group=False)
+    plgpu.commit_smem_to_gmem_group()
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    plgpu.barrier_arrive(bars["dq_free"].at[slot])
+
+    @pl.when(i > 0)
+    def _():
+      plgpu.wait_smem_to_gmem(1)  # step i - 1's sum is in global memory
+      plgpu.semaphore_signal(semaphore(i - 1)[0], 1, memory_scope="gpu")
+
+  num_steps = group * num_q
+  mt.fill_ring(num_steps, stages, load, drain=add_dq if split else None)
+  if split:
+    @pl.when(num_steps > 0)
+    def _():
+      plgpu.wait_smem_to_gmem(0)
+      plgpu.semaphore_signal(semaphore(num_steps - 1)[0], 1,
+                             memory_scope="gpu")
 
 
-def _dkdv_kernel(*args, mask, score, blocks, group: int):
+def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
+                 num_sems: int):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
-  refs, scratch = mt.named_refs(args, names + ["dk", "dv"])
+  outs = ["dk", "dv"] + (["dq"] if split else [])
+  refs, scratch = mt.named_refs(args, names + outs)
+  sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
+          if split else None)
   k_tile, kv_head, batch = (lax.axis_index(a) for a in ("k", "kv", "b"))
   bounds = mask.query_blocks(k_tile, blocks.block_q_dkv,
                              mt.CONSUMERS * blocks.block_k_dkv)
   common = dict(mask=mask, blocks=blocks, kv_head=kv_head, batch=batch,
-                group=group, bounds=bounds)
+                group=group, bounds=bounds, split=split, k_tile=k_tile)
   mt.warp_specialize(
-      lambda wg: _dkdv_consumer(wg, refs, scratch, score=score,
-                                k_tile=k_tile, **common),
-      lambda: _dkdv_producer(refs, scratch, **common))
+      lambda wg: _dkdv_consumer(wg, refs, scratch, score=score, **common),
+      lambda: _dkdv_producer(refs, scratch, sems, **common))
 
 
-def _dkdv_scratch(mask, blocks, hp: int, dtype):
+def _dkdv_scratch(mask, blocks, hp: int, dtype, split):
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   segs = 1 if mask.has_segments else 0
   scratch = dict(
@@ -175,6 +314,19 @@ def _dkdv_scratch(mask, blocks, hp: int, dtype):
   if mask.has_segments:
     scratch["kv_seg"] = plgpu.SMEM((mt.CONSUMERS, bk), jnp.int32)
     scratch["q_seg"] = plgpu.SMEM((stages, bq), jnp.int32)
+  if split:
+    scratch["ds"] = mt.tile_smem((mt.CONSUMERS, bk, bq), dtype)
+    half = ((bq, hp // mt.CONSUMERS) if split == "cols"
+            else (bq // mt.CONSUMERS, hp))
+    scratch["dq"] = mt.tile_smem((DQ_STAGES * mt.CONSUMERS, *half),
+                                 jnp.float32)
+    scratch["bars"].update(
+        ds_ready=plgpu.Barrier(num_arrivals=mt.CONSUMERS),
+        ds_free=plgpu.Barrier(num_arrivals=mt.CONSUMERS),
+        dq_ready=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
+                               num_barriers=DQ_STAGES),
+        dq_free=plgpu.Barrier(num_barriers=DQ_STAGES),
+        k_read=plgpu.Barrier(num_arrivals=mt.CONSUMERS))
   return scratch
 
 
@@ -293,23 +445,46 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   common = dict(num_threads=mt.CONSUMERS + 1, thread_name="wg",
                 compiler_params=mt.compiler_params())
 
+  split = dq_split(blocks, hp)
   num_k_tiles = sp // (mt.CONSUMERS * blocks.block_k_dkv)
-  dk, dv = plgpu.kernel(
+  num_q_blocks = tp // blocks.block_q_dkv
+  dk_dv = [out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
+           for x in (k, v)]
+  dq_sum = [out_struct((batch, tp, num_heads, hp), jnp.float32, q)]
+  outs = plgpu.kernel(
       functools.partial(_dkdv_kernel, mask=mask, score=score, blocks=blocks,
-                        group=group),
-      out_type=(out_struct((batch, sp, num_kv_heads, hp), k.dtype, q),
-                out_struct((batch, sp, num_kv_heads, hp), v.dtype, q)),
-      scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype)],
+                        group=group, split=split,
+                        num_sems=batch * num_heads * num_q_blocks),
+      out_type=(*dk_dv, *(dq_sum if split else [])),
+      scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype, split)],
       grid=(num_k_tiles, num_kv_heads, batch), grid_names=("k", "kv", "b"),
       **common)(*inputs)
-
-  num_q_tiles = tp // (mt.CONSUMERS * blocks.block_q)
-  dq = plgpu.kernel(
-      functools.partial(_dq_kernel, mask=mask, score=score, blocks=blocks,
-                        group=group, num_q_tiles=num_q_tiles),
-      out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
-      scratch_types=[_dq_scratch(mask, blocks, hp, q.dtype)],
-      grid=(num_q_tiles, num_heads, batch), grid_names=("q", "n", "b"),
-      **common)(*inputs)
+  dk, dv = outs[:2]
+  if split:
+    dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,
+                    mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype)
+  else:
+    num_q_tiles = tp // (mt.CONSUMERS * blocks.block_q)
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, mask=mask, score=score, blocks=blocks,
+                          group=group, num_q_tiles=num_q_tiles),
+        out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
+        scratch_types=[_dq_scratch(mask, blocks, hp, q.dtype)],
+        grid=(num_q_tiles, num_heads, batch), grid_names=("q", "n", "b"),
+        **common)(*inputs)
   return (dq[:, :seq_len_q, :, :head_dim], dk[:, :seq_len_k, :, :head_dim],
           dv[:, :seq_len_k, :, :head_dim])
+
+
+def _finish_dq(dq_sum, mask: MaskRule, block_q: int, block_k: int, scale,
+               dtype):
+  """The fused kernel's float32 dQ sum -> dQ: scaled, in `dtype`, and zero
+  in query blocks that no key tile visits (nothing was stored there)."""
+  dq = dq_sum * scale
+  rows = np.ones(dq.shape[1], bool)
+  for i in range(-(-mask.seq_len_q // block_q)):
+    start, _, _, end = mask.key_blocks(i, block_q, block_k)
+    rows[i * block_q:(i + 1) * block_q] = start < end
+  if not rows.all():
+    dq = jnp.where(rows[None, :, None, None], dq, 0.0)
+  return dq.astype(dtype)

@@ -41,12 +41,19 @@ class MosaicBlocks:
   block_q_dkv, block_k_dkv: the dK/dV kernel streams [block_q_dkv, H] tiles
     of Q and dO past CONSUMERS * block_k_dkv resident keys.
   stages: depth of the shared-memory ring of every kernel.
+  fused_dq: the dK/dV kernel also computes dQ (5 matmuls per tile instead
+    of 7 with the separate dQ kernel), adding its partial dQ tiles into a
+    float32 buffer in key-tile order (deterministic). Off by default: on an
+    H100 it is slower so far (benchmarks/NOTES.md item 13). Takes effect at
+    head_dim 128, or at 64 with block_q_dkv >= 128; elsewhere the separate
+    dQ kernel runs.
   """
   block_q: int = 64
   block_k: int = 128
   block_q_dkv: int = 64
   block_k_dkv: int = 64
   stages: int = 2
+  fused_dq: bool = False
 
   def __post_init__(self):
     for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
@@ -57,6 +64,9 @@ class MosaicBlocks:
     if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
       raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
                        f"{self.stages!r}")
+    if not isinstance(self.fused_dq, bool):
+      raise ValueError(f"MosaicBlocks.fused_dq must be a bool, got "
+                       f"{self.fused_dq!r}")
 
 
 def default_mosaic_blocks(head_dim: int) -> MosaicBlocks:
@@ -107,10 +117,11 @@ def pad_segments(segments, seq_len_q: int, seq_len_k: int):
 
 
 def tile_smem(shape, dtype):
-  """A shared-memory buffer of [..., rows, H] tiles as wgmma reads them:
-  8x64 tiles, 128-byte swizzle."""
+  """A shared-memory buffer of [..., rows, cols] tiles as wgmma and TMA
+  read them: 8 rows x 128 bytes per tile, 128-byte swizzle."""
+  cols = 128 // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+      plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(128)))
 
 
 def compiler_params():
@@ -166,12 +177,14 @@ def slot_of(i, stages: int):
   return lax.rem(i, jnp.asarray(stages, i.dtype))
 
 
-def fill_ring(num_steps, stages: int, load):
+def fill_ring(num_steps, stages: int, load, drain=None):
   """The producer's loop: step i waits until its slot is free (from the
   second round on), then `load(i, slot, wait_free)` issues its copies;
-  `wait_free()` must be called before each copy that overwrites a slot."""
+  `wait_free()` must be called before each copy that overwrites a slot.
+  `drain(i)`, if given, runs for every step `stages` iterations after its
+  load (the results of step i are then about ready)."""
 
-  @pl.loop(0, num_steps)
+  @pl.loop(0, num_steps + (stages if drain else 0))
   def _(i):
     slot = slot_of(i, stages)
 
@@ -180,21 +193,35 @@ def fill_ring(num_steps, stages: int, load):
       def _():
         plgpu.barrier_wait(barrier.at[slot])
 
-    load(i, slot, wait_free)
+    @pl.when(i < num_steps)
+    def _():
+      load(i, slot, wait_free)
+
+    if drain is not None:
+      @pl.when(i >= stages)
+      def _():
+        drain(i - stages)
 
 
-def visit_runs(bounds, loops: dict, step, carry):
+def visit_runs(bounds, loops: dict, step, carry, *, reverse: bool = False):
   """`step(block, carry, masked=...)` over the three runs of a
   `MaskRule.key_blocks` / `query_blocks` range; `loops` says which runs can
-  be non-empty (`MaskRule.key_loops` / `query_loops`)."""
+  be non-empty (`MaskRule.key_loops` / `query_loops`). `reverse` visits the
+  blocks from last to first."""
   start, full_start, full_end, end = bounds
   runs = [(start, full_start, True, loops["leading"]),
           (full_start, full_end, False, loops["middle"]),
           (full_end, end, True, loops["trailing"])]
-  for lo, hi, masked, present in runs:
-    if present:
-      carry = lax.fori_loop(lo, hi, functools.partial(step, masked=masked),
+  for lo, hi, masked, present in (runs[::-1] if reverse else runs):
+    if not present:
+      continue
+    body = functools.partial(step, masked=masked)
+    if reverse:
+      carry = lax.fori_loop(0, hi - lo,
+                            lambda t, c, hi=hi, body=body: body(hi - 1 - t, c),
                             carry)
+    else:
+      carry = lax.fori_loop(lo, hi, body, carry)
   return carry
 
 

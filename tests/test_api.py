@@ -226,6 +226,7 @@ def test_narrow_windows_take_small_tiles():
     ("block_k", 128.0, "MosaicBlocks.block_k must be a positive multiple"),
     ("stages", 5, r"MosaicBlocks.stages must be an int in \[2, 4\], got 5"),
     ("stages", 1, r"MosaicBlocks.stages must be an int in \[2, 4\], got 1"),
+    ("fused_dq", 1, "MosaicBlocks.fused_dq must be a bool, got 1"),
 ])
 def test_mosaic_blocks_validation(field, value, message):
   with pytest.raises(ValueError, match=message):

@@ -1,4 +1,5 @@
 """The block ranges of the mask rule against brute force over every element."""
+import dataclasses
 import itertools
 import random
 
@@ -69,6 +70,25 @@ def test_block_ranges_cover_exactly(block_q, block_k):
           assert start <= i < end, (rule, i, j)
         if full_start <= i < full_end:
           assert tile.all(), (rule, i, j, "marked wholly visible")
+
+
+@pytest.mark.parametrize("has_segments", [False, True])
+def test_key_and_query_ranges_are_inverses(has_segments):
+  """Key tile j visits query block i exactly when i is in j's range: the
+  fused Hopper dQ orders its adds by this (a mismatch would deadlock)."""
+  for rule in random_rules(200, seed=5 + has_segments):
+    rule = dataclasses.replace(rule, has_segments=has_segments)
+    for block_q, block_k in [(16, 32), (32, 16), (16, 16)]:
+      num_q = -(-rule.seq_len_q // block_q)
+      num_k = -(-rule.seq_len_k // block_k)
+      seen_by = {i: [] for i in range(num_q)}
+      for j in range(num_k):
+        start, _, _, end = rule.query_blocks(j, block_q, block_k)
+        for i in range(start, end):
+          seen_by[i].append(j)
+      for i in range(num_q):
+        start, _, _, end = rule.key_blocks(i, block_q, block_k)
+        assert seen_by[i] == list(range(start, end)), (rule, i)
 
 
 def test_causal_ranges_skip_the_future():

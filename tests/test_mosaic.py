@@ -5,6 +5,7 @@ and unsupported arguments.
 Mosaic GPU kernels cannot be interpreted (wgmma, TMA): the numerics run only
 with `--compiled` on a Hopper GPU; elsewhere the tests check the errors.
 """
+import dataclasses
 import functools
 
 import jax
@@ -86,6 +87,31 @@ def test_combined_variants(hopper):
                             implementation="mosaic")
 
 
+def fused_dq_tiles(head_dim):
+  """The default tiles with dQ fused into the dK/dV kernel."""
+  return dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
+                             fused_dq=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fused_dq_matches_reference(shape, hopper):
+  """Columns split (head_dim 128) and rows split (64, block_q_dkv 128)."""
+  check_against_reference(shape, jnp.bfloat16, False,
+                          block_sizes=fused_dq_tiles(shape[5]),
+                          implementation="mosaic")
+
+
+@pytest.mark.parametrize("name", ["window-2sided", "bottom_right-T>S",
+                                  "packed-causal", "lengths-causal",
+                                  "soft_cap-causal-window"])
+def test_fused_dq_variants(name, hopper):
+  """Query blocks that no key tile visits, bands, segments, soft cap."""
+  shape, mask_fn = CASES[name]
+  check_against_reference(shape, jnp.bfloat16, False, mask_fn=mask_fn,
+                          block_sizes=fused_dq_tiles(shape[5]), seed=13,
+                          implementation="mosaic")
+
+
 def _fwd_bwd(q, k, v, dout, **kwargs):
   out, vjp = jax.vjp(functools.partial(
       fa2_jax.flash_attention, is_causal=True, implementation="mosaic",
@@ -93,11 +119,14 @@ def _fwd_bwd(q, k, v, dout, **kwargs):
   return (out, *vjp(dout))
 
 
-def test_bitwise_repeatable(hopper):
+@pytest.mark.parametrize("fused_dq", [False, True])
+def test_bitwise_repeatable(fused_dq, hopper):
+  """Five key tiles add into each dQ block (fused): always in one order."""
   q, k, v, dout, _ = numerics.random_inputs(
       3, batch=2, seq_q=640, seq_k=640, heads=8, kv_heads=2, head_dim=128,
       dtype=jnp.bfloat16)
-  run = jax.jit(_fwd_bwd)
+  run = jax.jit(functools.partial(
+      _fwd_bwd, block_sizes=fa2_jax.MosaicBlocks(fused_dq=fused_dq)))
   first = run(q, k, v, dout)
   for _ in range(3):
     for a, b in zip(first, run(q, k, v, dout)):
