@@ -20,8 +20,9 @@ from fa2_jax.bench import timing
 FWD = [  # block_q, block_k, stages
     (64, 128, 2), (64, 128, 3), (64, 64, 2), (64, 64, 4), (64, 192, 2),
     (64, 256, 2)]
-BWD = [  # block_q_dkv, block_k_dkv, dq block_k, stages
-    (64, 64, 128, 2), (64, 64, 64, 2), (64, 64, 128, 3), (128, 64, 128, 2)]
+BWD = [  # block_q_dkv, block_k_dkv, dq block_k, stages, fused_dq
+    (64, 64, 128, 2, False), (64, 64, 64, 2, False), (64, 64, 128, 3, False),
+    (128, 64, 128, 2, False), (64, 64, 128, 2, True), (128, 64, 128, 2, True)]
 
 
 def main():
@@ -29,17 +30,20 @@ def main():
   parser.add_argument("--seq-lens", default="4096,16384")
   parser.add_argument("--head-dims", default="64,128")
   parser.add_argument("--output", default=None)
+  parser.add_argument("--bwd-only", action="store_true",
+                      help="only the backward candidates")
   args = parser.parse_args()
   rows = []
   for seq in map(int, args.seq_lens.split(",")):
     for hd in map(int, args.head_dims.split(",")):
       batch, heads = max(1, 16384 // seq), 2048 // hd
       base = fa2_jax.default_mosaic_blocks(hd)
-      cands = [("fwd", dataclasses.replace(base, block_q=a, block_k=b,
-                                           stages=c)) for a, b, c in FWD]
+      cands = [] if args.bwd_only else [
+          ("fwd", dataclasses.replace(base, block_q=a, block_k=b, stages=c))
+          for a, b, c in FWD]
       cands += [("fwd+bwd", dataclasses.replace(
-          base, block_q_dkv=a, block_k_dkv=b, block_k=c, stages=d))
-                for a, b, c, d in BWD]
+          base, block_q_dkv=a, block_k_dkv=b, block_k=c, stages=d,
+          fused_dq=e)) for a, b, c, d, e in BWD]
       for causal in (False, True):
         for pass_, blocks in cands:
           fn = functools.partial(fa2_jax.flash_attention, is_causal=causal,
@@ -59,7 +63,8 @@ def main():
           b = row["blocks"]
           print(f"{seq:6d} h{hd} {'causal' if causal else 'full  '} "
                 f"{pass_:8s} q{b['block_q']} k{b['block_k']} "
-                f"dkv{b['block_q_dkv']}x{b['block_k_dkv']} s{b['stages']}: "
+                f"dkv{b['block_q_dkv']}x{b['block_k_dkv']} s{b['stages']}"
+                f"{' fused' if b['fused_dq'] else ''}: "
                 f"{row.get('tflops', 0):6.1f} {row.get('error', '')}",
                 flush=True)
   if args.output:
