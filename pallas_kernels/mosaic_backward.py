@@ -41,12 +41,13 @@ from pallas_kernels.scores import ScoreRule, lse_log2
 def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
                    q_start, k_start, q_seg, kv_seg):
   """(P, tanh term) of one tile from raw scores and base-2 LSE."""
-  x, t = score.logits_log2(s_raw)
+  x, c, t = score.deferred_log2(s_raw)  # exp2(x * c - lse2): one FMA
   if masked:
     visible = mt.tile_visible(mask, shape, q_start, k_start,
                               query_axis=query_axis, q_seg=q_seg,
                               kv_seg=kv_seg)
     x = jnp.where(visible, x, -jnp.inf)
+  x = x if c is None else x * c
   return jnp.exp2(x - mt.broadcast(lse2, shape, query_axis)), t
 
 

@@ -62,7 +62,8 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
       return acc_ref[...]
 
     s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-    s, _ = score.logits_log2(s)
+    s, c, _ = score.deferred_log2(s)  # base-2 logits are s * c
+    scaled = (lambda x: x) if c is None else (lambda x: x * c)
     if masked:
       kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
                 if mask.has_segments else None)
@@ -72,11 +73,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     plgpu.barrier_arrive(bars["k_free"].at[slot])
 
     # Online softmax (Algorithm 1, lines 9-10), base 2.
-    m_new = jnp.maximum(m_i, s.max(axis=1))
+    m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
     # A row that has seen no visible key keeps m = -inf: subtract 0 then.
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
     alpha = jnp.exp2(m_i - m_use)
-    p = jnp.exp2(s - mt.broadcast(m_use, s.shape, 0))
+    p = jnp.exp2(scaled(s) - mt.broadcast(m_use, s.shape, 0))
     acc = acc * mt.broadcast(alpha, acc.shape, 0)
     l_i = l_i * alpha + p.sum(axis=1)
     p16 = p.astype(dtype)

@@ -70,6 +70,17 @@ class ScoreRule:
       s = s + alibi_bias * LOG2E
     return s, t
 
+  def deferred_log2(self, qk):
+    """(x, c, tanh term) with logits * log2 e = x * c: without a soft cap,
+    bias or ALiBi, x is the raw score and c = scale * log2 e, so that a
+    kernel can fold the multiply into its exp2 argument (one FMA, x * c - m;
+    max commutes with c > 0); otherwise (x, tanh term) is `logits_log2`
+    and c is None (nothing left to apply)."""
+    if self.soft_cap is None and not self.has_bias and not self.alibi:
+      return qk, self.scale * LOG2E, None
+    x, t = self.logits_log2(qk)
+    return x, None, t
+
   def through_cap(self, ds, t):
     """dL/dx (x = scale q.k + bias) from dL/d(logits):
     d cap tanh(x / cap)/dx = 1 - t^2."""
