@@ -362,21 +362,26 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, q_tile, head,
     slot = mt.slot_of(kv_block - start, stages)
     k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
     plgpu.barrier_wait(bars["k_ready"].at[slot])
+    plgpu.barrier_wait(bars["v_ready"].at[slot])
 
-    s = mt.matmul_t(q_smem, k_smem, (bq, bk))  # S = Q K^T
+    def s_dp(refs_):  # S = Q K^T and dP = dO V^T, issued back to back
+      s_ref, dp_ref = refs_
+      plgpu.wgmma(s_ref, q_smem, k_smem.T)
+      plgpu.wgmma(dp_ref, do_smem, v_smem.T)
+
+    zeros = mt.wgmma_zeros((bq, bk))
+    s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
+    plgpu.barrier_arrive(bars["v_free"].at[slot])
     kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
               if mask.has_segments and masked else None)
     p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
                           shape=(bq, bk), query_axis=0, q_start=row0,
                           k_start=kv_block * bk, q_seg=q_seg, kv_seg=kv_seg)
-    plgpu.barrier_wait(bars["v_ready"].at[slot])
-
-    dp = mt.matmul_t(do_smem, v_smem, (bq, bk))  # dP = dO V^T
-    plgpu.barrier_arrive(bars["v_free"].at[slot])
-    ds = score.through_cap(p * (dp - mt.broadcast(delta, (bq, bk), 0)), t)
+    ds = score.through_cap(p * (dp - mt.broadcast(delta, (bq, bk), 0)),
+                           t).astype(dtype)
 
     def dq_acc(acc_ref):
-      plgpu.wgmma(acc_ref, ds.astype(dtype), k_smem)
+      plgpu.wgmma(acc_ref, ds, k_smem)
 
     dq = pl.run_state(dq_acc)(plgpu.ACC.init(dq))
     plgpu.barrier_arrive(bars["k_free"].at[slot])
