@@ -44,9 +44,9 @@ class MosaicBlocks:
   fused_dq: the dK/dV kernel also computes dQ (5 matmuls per tile instead
     of 7 with the separate dQ kernel), adding its partial dQ tiles into a
     float32 buffer in key-tile order (deterministic). Off by default: on an
-    H100 it is slower so far (benchmarks/NOTES.md item 13). Takes effect at
-    head_dim 128, or at 64 with block_q_dkv >= 128; elsewhere the separate
-    dQ kernel runs.
+    H100 it is slower so far (benchmarks/NOTES.md item 13). Takes effect
+    where head_dim pads to 128, or to 64 with block_q_dkv >= 128; elsewhere
+    (head_dim > 128, or 64 with 64-row blocks) the separate dQ kernel runs.
   """
   block_q: int = 64
   block_k: int = 128
