@@ -58,7 +58,7 @@ def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
 DQ_STAGES = 2
 
 
-def dq_split(blocks: mt.MosaicBlocks, head_dim: int) -> str | None:
+def _dq_split(blocks: mt.MosaicBlocks, head_dim: int) -> str | None:
   """How the consumers share the fused dQ tile [block_q_dkv, H]: "cols"
   (each computes H / 2 columns), "rows" (block_q_dkv / 2 rows), or None:
   the separate dQ kernel runs when neither half is a whole 64-wide tile,
@@ -72,13 +72,13 @@ def dq_split(blocks: mt.MosaicBlocks, head_dim: int) -> str | None:
   return None
 
 
-def _step_order(bounds, group: int):
-  """(num_q, step of (g, q_block)): every kernel walks its query blocks from
-  last to first, so that all key tiles of a causal or full mask reach a
-  query block at the same step and a band's neighbours reach it earlier."""
-  start, end = bounds[0], bounds[3]
-  num_q = end - start
-  return num_q, lambda g, q_block: g * num_q + (end - 1 - q_block)
+def _step_of(g, q_block, *, num_q, end):
+  """The pipeline step of (group head g, query block), of num_q query blocks
+  ending at `end`. The dK/dV kernel walks its query blocks from last to
+  first, so that all key tiles of a causal or full mask reach a query block
+  at the same step and a band's neighbours reach it earlier (the fused dQ
+  adds in key-tile order)."""
+  return g * num_q + (end - 1 - q_block)
 
 
 def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
@@ -86,7 +86,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   bars = scratch["bars"]
   dtype = refs["k"].dtype
-  _, step_of = _step_order(bounds, group)
+  num_q = bounds[3] - bounds[0]
   key0 = k_tile * (mt.CONSUMERS * bk) + wg * bk
   keys = pl.ds(key0, bk)
   k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
@@ -105,7 +105,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
   def head_loop(g, carry):
     def step(q_block, carry, *, masked: bool):
       dk, dv = carry
-      i = step_of(g, q_block)
+      i = _step_of(g, q_block, num_q=num_q, end=bounds[3])
       slot = mt.slot_of(i, stages)
       q_smem, do_smem = scratch["q"].at[slot], scratch["do"].at[slot]
       plgpu.barrier_wait(bars["q_ready"].at[slot])
@@ -206,10 +206,10 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
                    batch, group: int, bounds, split):
   bq, stages = blocks.block_q_dkv, blocks.stages
   bars = scratch["bars"]
-  num_q, _ = _step_order(bounds, group)
+  num_q = bounds[3] - bounds[0]
   divisor = jnp.maximum(num_q, 1)
 
-  def head_and_rows(i):  # the inverse of _step_order
+  def head_and_rows(i):  # the inverse of _step_of
     g = lax.div(i, divisor)
     return kv_head * group + g, bounds[3] - 1 - lax.rem(i, divisor)
 
@@ -319,6 +319,7 @@ def _dkdv_scratch(mask, blocks, hp: int, dtype, split):
     scratch["ds"] = mt.tile_smem((mt.CONSUMERS, bk, bq), dtype)
     half = ((bq, hp // mt.CONSUMERS) if split == "cols"
             else (bq // mt.CONSUMERS, hp))
+    # Consumer c's half of ring slot i is tile i * CONSUMERS + c.
     scratch["dq"] = mt.tile_smem((DQ_STAGES * mt.CONSUMERS, *half),
                                  jnp.float32)
     scratch["bars"].update(
@@ -451,7 +452,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   common = dict(num_threads=mt.CONSUMERS + 1, thread_name="wg",
                 compiler_params=mt.compiler_params())
 
-  split = dq_split(blocks, hp)
+  split = _dq_split(blocks, hp)
   num_k_tiles = sp // (mt.CONSUMERS * blocks.block_k_dkv)
   num_q_blocks = tp // blocks.block_q_dkv
   dk_dv = [out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
