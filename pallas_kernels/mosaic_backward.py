@@ -334,75 +334,83 @@ def _dkdv_scratch(mask, blocks, hp: int, dtype, split):
 
 # ---------------------------------------------------------------- dQ
 
-def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, q_tile, head,
-                 batch, bounds):
+def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
   bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
   bars = scratch["bars"]
   dtype = refs["q"].dtype
-  start = bounds[0]
-  row0 = q_tile * (mt.CONSUMERS * bq) + wg * bq
-  rows = pl.ds(row0, bq)
   q_smem, do_smem = scratch["q"].at[wg], scratch["do"].at[wg]
   ready = bars["q"].at[wg]
-  plgpu.copy_gmem_to_smem(refs["q"].at[batch, rows, head], q_smem, ready)
-  plgpu.copy_gmem_to_smem(refs["do"].at[batch, rows, head], do_smem, ready)
-  plgpu.copy_gmem_to_smem(refs["lse"].at[batch, head, rows],
-                          scratch["lse"].at[wg], ready)
-  plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, rows],
-                          scratch["delta"].at[wg], ready)
-  if mask.has_segments:
-    plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows],
-                            scratch["q_seg"].at[wg], ready)
-  plgpu.barrier_wait(ready)
-  lse2 = mt.load_vector(scratch["lse"].at[wg], axis=0)
-  delta = mt.load_vector(scratch["delta"].at[wg], axis=0)
-  q_seg = (mt.load_vector(scratch["q_seg"].at[wg], axis=0)
-           if mask.has_segments else None)
 
-  def step(kv_block, dq, *, masked: bool):
-    slot = mt.slot_of(kv_block - start, stages)
-    k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
-    plgpu.barrier_wait(bars["k_ready"].at[slot])
-    plgpu.barrier_wait(bars["v_ready"].at[slot])
+  def tile(t, coords, first):
+    q_tile, head, batch = coords
+    bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk)
+    row0 = q_tile * (mt.CONSUMERS * bq) + wg * bq
+    rows = pl.ds(row0, bq)
+    plgpu.copy_gmem_to_smem(refs["q"].at[batch, rows, head], q_smem, ready)
+    plgpu.copy_gmem_to_smem(refs["do"].at[batch, rows, head], do_smem, ready)
+    plgpu.copy_gmem_to_smem(refs["lse"].at[batch, head, rows],
+                            scratch["lse"].at[wg], ready)
+    plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, rows],
+                            scratch["delta"].at[wg], ready)
+    if mask.has_segments:
+      plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows],
+                              scratch["q_seg"].at[wg], ready)
+    plgpu.barrier_wait(ready)
+    lse2 = mt.load_vector(scratch["lse"].at[wg], axis=0)
+    delta = mt.load_vector(scratch["delta"].at[wg], axis=0)
+    q_seg = (mt.load_vector(scratch["q_seg"].at[wg], axis=0)
+             if mask.has_segments else None)
 
-    def s_dp(refs_):  # S = Q K^T and dP = dO V^T, issued back to back
-      s_ref, dp_ref = refs_
-      plgpu.wgmma(s_ref, q_smem, k_smem.T)
-      plgpu.wgmma(dp_ref, do_smem, v_smem.T)
+    def step(kv_block, dq, *, masked: bool):
+      slot = mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
+      k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
+      plgpu.barrier_wait(bars["k_ready"].at[slot])
+      plgpu.barrier_wait(bars["v_ready"].at[slot])
 
-    zeros = mt.wgmma_zeros((bq, bk))
-    s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros), plgpu.ACC.init(zeros)))
-    plgpu.barrier_arrive(bars["v_free"].at[slot])
-    kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
-              if mask.has_segments and masked else None)
-    p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
-                          shape=(bq, bk), query_axis=0, q_start=row0,
-                          k_start=kv_block * bk, q_seg=q_seg, kv_seg=kv_seg)
-    ds = score.through_cap(p * (dp - mt.broadcast(delta, (bq, bk), 0)),
-                           t).astype(dtype)
+      def s_dp(refs_):  # S = Q K^T and dP = dO V^T, issued back to back
+        s_ref, dp_ref = refs_
+        plgpu.wgmma(s_ref, q_smem, k_smem.T)
+        plgpu.wgmma(dp_ref, do_smem, v_smem.T)
 
-    def dq_acc(acc_ref):
-      plgpu.wgmma(acc_ref, ds, k_smem)
+      zeros = mt.wgmma_zeros((bq, bk))
+      s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros),
+                                  plgpu.ACC.init(zeros)))
+      plgpu.barrier_arrive(bars["v_free"].at[slot])
+      kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
+                if mask.has_segments and masked else None)
+      p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
+                            shape=(bq, bk), query_axis=0, q_start=row0,
+                            k_start=kv_block * bk, q_seg=q_seg, kv_seg=kv_seg)
+      ds = score.through_cap(p * (dp - mt.broadcast(delta, (bq, bk), 0)),
+                             t).astype(dtype)
 
-    dq = pl.run_state(dq_acc)(plgpu.ACC.init(dq))
-    plgpu.barrier_arrive(bars["k_free"].at[slot])
-    return dq
+      def dq_acc(acc_ref):
+        plgpu.wgmma(acc_ref, ds, k_smem)
 
-  dq = mt.visit_runs(bounds, mask.key_loops(), step,
-                     mt.wgmma_zeros((bq, q_smem.shape[-1])))
-  q_smem[...] = (dq * score.scale).astype(dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
+      dq = pl.run_state(dq_acc)(plgpu.ACC.init(dq))
+      plgpu.barrier_arrive(bars["k_free"].at[slot])
+      return dq
+
+    dq = mt.visit_runs(bounds, mask.key_loops(), step,
+                       mt.wgmma_zeros((bq, q_smem.shape[-1])))
+    q_smem[...] = (dq * score.scale).astype(dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
+    # Q's buffer is refilled by the next tile.
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    return first + bounds[3] - bounds[0]
+
+  tiles.loop(tile, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(*args, mask, score, blocks, group: int, num_q_tiles: int):
+def _dq_kernel(*args, mask, score, blocks, group: int, tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
   mt.query_major_kernel(
       args, names + ["dq"],
       functools.partial(_dq_consumer, mask=mask, score=score, blocks=blocks),
-      mask=mask, blocks=blocks, group=group, num_q_tiles=num_q_tiles)
+      mask=mask, blocks=blocks, group=group, tiles=tiles)
 
 
 def _dq_scratch(mask, blocks, hp: int, dtype):
@@ -471,14 +479,16 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
     dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,
                     mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype)
   else:
-    num_q_tiles = tp // (mt.CONSUMERS * blocks.block_q)
+    tiles = mt.QueryTiles.make(
+        mt.query_tile_costs(mask, tp // (mt.CONSUMERS * blocks.block_q),
+                            blocks), num_heads, batch,
+        persistent=False)  # no Q/dO prefetch: persistence measured no gain
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, mask=mask, score=score, blocks=blocks,
-                          group=group, num_q_tiles=num_q_tiles),
+                          group=group, tiles=tiles),
         out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
         scratch_types=[_dq_scratch(mask, blocks, hp, q.dtype)],
-        grid=(num_q_tiles, num_heads, batch), grid_names=("q", "n", "b"),
-        **common)(*inputs)
+        grid=(tiles.num_ctas,), grid_names=("cta",), **common)(*inputs)
   return (dq[:, :seq_len_q, :, :head_dim], dk[:, :seq_len_k, :, :head_dim],
           dv[:, :seq_len_k, :, :head_dim])
 

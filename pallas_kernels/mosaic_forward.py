@@ -1,7 +1,9 @@
 """FlashAttention-2 forward (Algorithm 1) for Hopper, Pallas Mosaic GPU.
 
-One CTA per (query tile of CONSUMERS * block_q rows, query head, batch), with
-three warpgroups:
+Work items are (query tile of CONSUMERS * block_q rows, query head, batch):
+one CTA each, or, persistent (`mt.QueryTiles`), one CTA per SM looping over
+its share, with the K/V ring running on across tiles and the next tile's Q
+loading into a second slot during this one. Each CTA has three warpgroups:
   * a producer that TMA-copies the K and V tiles the CTA visits into a ring
     of `stages` shared-memory slots (and the key segment ids with K);
   * two consumers, each owning 64 rows of Q in shared memory and its own
@@ -27,125 +29,181 @@ from pallas_kernels.scores import LN2, ScoreRule
 
 
 def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
-              blocks: mt.MosaicBlocks, q_tile, head, batch, bounds):
-  """One consumer warpgroup: rows [q_tile * 2 bq + wg * bq, + bq)."""
+              blocks: mt.MosaicBlocks, tiles: mt.QueryTiles):
+  """One consumer warpgroup: rows [q_tile * 2 bq + wg * bq, + bq) of each of
+  the CTA's tiles."""
   bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
   q_ref, o_ref, lse_ref = refs["q"], refs["out"], refs["lse"]
-  q_smem = scratch["q"].at[wg]
   k_smem, v_smem = scratch["k"], scratch["v"]
   bars = scratch["bars"]
   dtype = q_ref.dtype
-  start, end = bounds[0], bounds[3]
-  row0 = q_tile * (mt.CONSUMERS * bq) + wg * bq
-  rows = pl.ds(row0, bq)
+  q_slots = scratch["q"].shape[0]
+  cta = lax.axis_index("cta")
+  num_tiles = tiles.count(cta)
 
-  plgpu.copy_gmem_to_smem(q_ref.at[batch, rows, head], q_smem,
-                          bars["q"].at[wg])
-  if mask.has_segments:
-    plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows],
-                            scratch["q_seg"].at[wg], bars["q"].at[wg])
-  plgpu.barrier_wait(bars["q"].at[wg])
-  q_seg = (mt.load_vector(scratch["q_seg"].at[wg], axis=0)
-           if mask.has_segments else None)
+  def first_row(q_tile):  # this consumer's first row of a tile
+    return q_tile * (mt.CONSUMERS * bq) + wg * bq
+
+  def rows_of(q_tile):
+    return pl.ds(first_row(q_tile), bq)
+
+  def load_q(t, slot):  # Q (and its segment ids) of local tile t
+    q_tile, head, batch = tiles.at(cta, t)
+    ready = bars["q"].at[slot * mt.CONSUMERS + wg]
+    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows_of(q_tile), head],
+                            scratch["q"].at[slot, wg], ready)
+    if mask.has_segments:
+      plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows_of(q_tile)],
+                              scratch["q_seg"].at[slot, wg], ready)
 
   def schedule():  # both consumers meet here, one phase apart
     plgpu.barrier_arrive(bars["schedule"])
     plgpu.barrier_wait(bars["schedule"])
 
-  def step(kv_block, carry, *, masked: bool):
+  def tile(t, coords, first):
+    q_tile, head, batch = coords
+    bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk)
+    start, end = bounds[0], bounds[3]
+    row0 = first_row(q_tile)
+    q_slot = lax.rem(t, jnp.int32(q_slots))
+    q_smem = scratch["q"].at[q_slot, wg]
+
+    def next_q():
+      # The slot being refilled was the staging buffer of an earlier O (and
+      # the LSE buffer is reused): those stores must have read it.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      if q_slots == 1:
+        load_q(t, 0)
+      else:
+        pl.when(t + 1 < num_tiles)(lambda: load_q(t + 1, 1 - q_slot))
+
+    if q_slots == 1:
+      next_q()
+    plgpu.barrier_wait(bars["q"].at[q_slot * mt.CONSUMERS + wg])
+    q_seg = (mt.load_vector(scratch["q_seg"].at[q_slot, wg], axis=0)
+             if mask.has_segments else None)
+
+    def step(kv_block, carry, *, masked: bool):
+      acc, m_i, l_i = carry
+      slot = mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
+
+      def qk(acc_ref):  # S = Q K^T
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+        if q_slots > 1:  # the next tile's Q loads under this tile
+          pl.when(kv_block == start)(next_q)
+        schedule()  # the other consumer's softmax runs during this wgmma
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+      s, c, _ = score.deferred_log2(s)  # base-2 logits are s * c
+      scaled = (lambda x: x) if c is None else (lambda x: x * c)
+      if masked:
+        kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
+                  if mask.has_segments else None)
+        visible = mt.tile_visible(mask, (bq, bk), row0, kv_block * bk,
+                                  query_axis=0, q_seg=q_seg, kv_seg=kv_seg)
+        s = jnp.where(visible, s, -jnp.inf)
+      plgpu.barrier_arrive(bars["k_free"].at[slot])
+
+      # Online softmax (Algorithm 1, lines 9-10), base 2.
+      m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
+      # A row that has seen no visible key keeps m = -inf: subtract 0 then.
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+      alpha = jnp.exp2(m_i - m_use)
+      p = jnp.exp2(scaled(s) - mt.broadcast(m_use, s.shape, 0))
+      acc = acc * mt.broadcast(alpha, acc.shape, 0)
+      l_i = l_i * alpha + p.sum(axis=1)
+      p16 = p.astype(dtype)
+      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      plgpu.barrier_arrive(bars["schedule"])  # softmax done
+      plgpu.barrier_wait(bars["v_ready"].at[slot])
+      plgpu.barrier_wait(bars["schedule"])  # tensor cores free
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        nxt = kv_block + 1
+
+        @pl.when(nxt < end)  # the next K lands while this wgmma runs
+        def _():
+          plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(
+              mt.key_ring_step(first, bounds, nxt), stages)])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      plgpu.barrier_arrive(bars["v_free"].at[slot])
+      return acc, m_new, l_i
+
+    carry = (mt.wgmma_zeros((bq, q_smem.shape[-1])),
+             mt.row_vector(-jnp.inf, bq), mt.row_vector(0.0, bq))
+
+    @pl.when(end > start)
+    def _():
+      plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(first, stages)])
+
+    pl.when(wg == 1)(schedule)
+    carry = mt.visit_runs(bounds, mask.key_loops(), step, carry)
+    pl.when(wg == 0)(schedule)
+    if q_slots > 1:
+      pl.when(end == start)(next_q)  # a tile with no step
+
+    # One final rescale (line 12); rows that saw no key output 0, lse -inf.
+    # O is staged in this tile's Q slot.
     acc, m_i, l_i = carry
-    slot = mt.slot_of(kv_block - start, stages)
+    empty = l_i == 0.0
+    l_safe = jnp.where(empty, 1.0, l_i)
+    q_smem[...] = (acc / mt.broadcast(l_safe, acc.shape, 0)).astype(dtype)
+    lse_smem = scratch["lse"].at[wg]
+    lse_smem[...] = jnp.where(empty, -jnp.inf,
+                              (m_i + jnp.log2(l_safe)) * LN2)
+    plgpu.commit_smem()
+    rows = rows_of(q_tile)
+    plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
+    return first + end - start
 
-    def qk(acc_ref):  # S = Q K^T
-      plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-      schedule()  # the other consumer's softmax runs during this wgmma
-      return acc_ref[...]
-
-    s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-    s, c, _ = score.deferred_log2(s)  # base-2 logits are s * c
-    scaled = (lambda x: x) if c is None else (lambda x: x * c)
-    if masked:
-      kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
-                if mask.has_segments else None)
-      visible = mt.tile_visible(mask, (bq, bk), row0, kv_block * bk,
-                                query_axis=0, q_seg=q_seg, kv_seg=kv_seg)
-      s = jnp.where(visible, s, -jnp.inf)
-    plgpu.barrier_arrive(bars["k_free"].at[slot])
-
-    # Online softmax (Algorithm 1, lines 9-10), base 2.
-    m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
-    # A row that has seen no visible key keeps m = -inf: subtract 0 then.
-    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
-    alpha = jnp.exp2(m_i - m_use)
-    p = jnp.exp2(scaled(s) - mt.broadcast(m_use, s.shape, 0))
-    acc = acc * mt.broadcast(alpha, acc.shape, 0)
-    l_i = l_i * alpha + p.sum(axis=1)
-    p16 = p.astype(dtype)
-    acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-    plgpu.barrier_arrive(bars["schedule"])  # softmax done
-    plgpu.barrier_wait(bars["v_ready"].at[slot])
-    plgpu.barrier_wait(bars["schedule"])  # tensor cores free
-
-    def pv(acc_ref):
-      plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-      nxt = kv_block + 1
-
-      @pl.when(nxt < end)  # the next K lands while this wgmma runs
-      def _():
-        plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(nxt - start,
-                                                         stages)])
-
-    acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-    plgpu.barrier_arrive(bars["v_free"].at[slot])
-    return acc, m_new, l_i
-
-  carry = (mt.wgmma_zeros((bq, q_smem.shape[-1])),
-           mt.row_vector(-jnp.inf, bq), mt.row_vector(0.0, bq))
-
-  @pl.when(end > start)
-  def _():
-    plgpu.barrier_wait(bars["k_ready"].at[0])
-
-  pl.when(wg == 1)(schedule)
-  carry = mt.visit_runs(bounds, mask.key_loops(), step, carry)
-  pl.when(wg == 0)(schedule)
-
-  # One final rescale (line 12); rows that saw no key output 0, lse -inf.
-  acc, m_i, l_i = carry
-  empty = l_i == 0.0
-  l_safe = jnp.where(empty, 1.0, l_i)
-  q_smem[...] = (acc / mt.broadcast(l_safe, acc.shape, 0)).astype(dtype)
-  lse_smem = scratch["lse"].at[wg]
-  lse_smem[...] = jnp.where(empty, -jnp.inf,
-                            (m_i + jnp.log2(l_safe)) * LN2)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
-  plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
+  if q_slots > 1:
+    pl.when(num_tiles > 0)(lambda: load_q(0, 0))
+  tiles.loop(tile, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
 
 def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
-            group: int, num_q_tiles: int):
+            group: int, tiles: mt.QueryTiles):
   names = ["q", "k", "v"] + (["q_seg", "kv_seg"] if mask.has_segments else [])
   mt.query_major_kernel(
       args, names + ["out", "lse"],
       functools.partial(_consumer, mask=mask, score=score, blocks=blocks),
-      mask=mask, blocks=blocks, group=group, num_q_tiles=num_q_tiles)
+      mask=mask, blocks=blocks, group=group, tiles=tiles)
 
 
-def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype):
+# Shared memory the persistent forward may fill with two Q slots and the
+# ring (of the 227 KiB an H100 CTA can have, some left for the LSE,
+# segment ids and barriers).
+_PERSISTENT_SMEM = 200 * 1024
+
+
+def _fits_two_q_slots(blocks: mt.MosaicBlocks, head_dim: int, dtype) -> bool:
+  """Whether the next tile's Q can load into shared memory beside this
+  tile's Q and the ring (what the persistent forward needs)."""
+  size = jnp.dtype(dtype).itemsize * head_dim
+  q_tile = mt.CONSUMERS * blocks.block_q * size
+  ring = 2 * blocks.stages * blocks.block_k * size
+  return 2 * q_tile + ring <= _PERSISTENT_SMEM
+
+
+def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype,
+             q_slots: int):
   bq = blocks.block_q
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
                                        head_dim, dtype)
   scratch = dict(
-      q=mt.tile_smem((mt.CONSUMERS, bq, head_dim), dtype),
+      q=mt.tile_smem((q_slots, mt.CONSUMERS, bq, head_dim), dtype),
       lse=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32), **ring,
       bars=dict(
           q=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
-                          num_barriers=mt.CONSUMERS),
+                          num_barriers=q_slots * mt.CONSUMERS),
           schedule=plgpu.Barrier(num_arrivals=mt.CONSUMERS), **ring_bars))
   if mask.has_segments:
-    scratch["q_seg"] = plgpu.SMEM((mt.CONSUMERS, bq), jnp.int32)
+    scratch["q_seg"] = plgpu.SMEM((q_slots, mt.CONSUMERS, bq), jnp.int32)
   return scratch
 
 
@@ -171,17 +229,22 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   sp = mt.round_up(seq_len_k, blocks.block_k)
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
             mt.pad_tokens(v, sp, hp), *mt.pad_segments(segments, tp, sp))
-  num_q_tiles = tp // rows_per_cta
+  tiles = mt.QueryTiles.make(
+      mt.query_tile_costs(mask, tp // rows_per_cta, blocks), num_heads,
+      batch,
+      persistent=blocks.persistent and _fits_two_q_slots(blocks, hp, q.dtype))
+  # A CTA with several tiles loads the next one's Q during this one.
+  q_slots = 2 if tiles.num_ctas < tiles.total else 1
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,
-      group=num_heads // num_kv_heads, num_q_tiles=num_q_tiles)
+      group=num_heads // num_kv_heads, tiles=tiles)
   out, lse = plgpu.kernel(
       kernel,
       out_type=(out_struct((batch, tp, num_heads, hp), q.dtype, q),
                 out_struct((batch, num_heads, tp), jnp.float32, q)),
-      scratch_types=[_scratch(mask, blocks, hp, q.dtype)],
-      grid=(num_q_tiles, num_heads, batch),
-      grid_names=("q", "n", "b"),
+      scratch_types=[_scratch(mask, blocks, hp, q.dtype, q_slots)],
+      grid=(tiles.num_ctas,),
+      grid_names=("cta",),
       num_threads=mt.CONSUMERS + 1,
       thread_name="wg",
       compiler_params=mt.compiler_params(),

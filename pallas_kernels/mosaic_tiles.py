@@ -15,6 +15,7 @@ true S); padded query rows are computed and dropped.
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -47,6 +48,12 @@ class MosaicBlocks:
     H100 it is slower so far (benchmarks/NOTES.md item 13). Takes effect
     where head_dim pads to 128, or to 64 with block_q_dkv >= 128; elsewhere
     (head_dim > 128, or 64 with 64-row blocks) the separate dQ kernel runs.
+  persistent: the forward runs one CTA per SM that loops over its query
+    tiles, loading the next tile's Q and K/V while it finishes the current
+    one. Takes effect where two Q tiles and the ring fit in shared memory
+    (head_dim <= 128 with 2 stages) and `QueryTiles.make` finds the static
+    split balanced (not a causal mask over long sequences); otherwise one
+    CTA per tile.
   """
   block_q: int = 64
   block_k: int = 128
@@ -54,6 +61,7 @@ class MosaicBlocks:
   block_k_dkv: int = 64
   stages: int = 2
   fused_dq: bool = False
+  persistent: bool = True
 
   def __post_init__(self):
     for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
@@ -64,9 +72,10 @@ class MosaicBlocks:
     if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
       raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
                        f"{self.stages!r}")
-    if not isinstance(self.fused_dq, bool):
-      raise ValueError(f"MosaicBlocks.fused_dq must be a bool, got "
-                       f"{self.fused_dq!r}")
+    for field in ("fused_dq", "persistent"):
+      if not isinstance(getattr(self, field), bool):
+        raise ValueError(f"MosaicBlocks.{field} must be a bool, got "
+                         f"{getattr(self, field)!r}")
 
 
 def default_mosaic_blocks(head_dim: int) -> MosaicBlocks:
@@ -79,6 +88,106 @@ def default_mosaic_blocks(head_dim: int) -> MosaicBlocks:
   if head_dim <= 64:
     return MosaicBlocks(block_q_dkv=128)
   return MosaicBlocks()
+
+
+# Streaming multiprocessors assumed when no GPU is visible (an H100 SXM), as
+# when lowering for CUDA on a CPU host; only the persistent grid uses it.
+DEFAULT_SMS = 132
+
+
+def num_sms() -> int:
+  """Streaming multiprocessors of the local GPU (`DEFAULT_SMS` if none)."""
+  try:
+    return jax.local_devices(backend="gpu")[0].core_count
+  except RuntimeError:
+    return DEFAULT_SMS
+
+
+# A persistent grid is used only where its static share of the tiles leaves
+# the CTAs' work this close to balanced; otherwise (a causal mask over many
+# query tiles) one CTA per tile lets the hardware balance them.
+MAX_IMBALANCE = 1.05
+# ... and, where tiles differ in length (causal), only while they average
+# at most this many key blocks: longer tiles amortize a CTA's fixed cost
+# anyway, and the hardware's dynamic order balanced them better (16k causal
+# at head_dim 64: 450 TFLOP/s one CTA per tile, 426 persistent on an H100;
+# benchmarks/NOTES.md item 16).
+MAX_MEAN_COST_VARIED = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryTiles:
+  """The (query tile, head, batch) work items of a query-major kernel and
+  how its `num_ctas` CTAs (grid axis "cta") share them.
+
+  Tiles are ordered by head and batch, and within a head heaviest first
+  (last query tile first: the longest key range under a causal mask), so
+  the tiles that read the same K and V run together. With one CTA per tile
+  the hardware schedules them in that order; with fewer (persistent), CTA c
+  takes position c of every wave of `num_ctas` tiles, reversed on odd waves
+  so that the waves' heavy and light tiles even out.
+  """
+  num_q_tiles: int
+  num_heads: int
+  batch: int
+  num_ctas: int
+
+  @classmethod
+  def make(cls, costs, num_heads: int, batch: int, *,
+           persistent: bool) -> "QueryTiles":
+    """costs[i]: the key blocks query tile i visits (its work)."""
+    num_q = len(costs)
+    one_per_tile = cls(num_q, num_heads, batch, num_q * num_heads * batch)
+    long_varied = (max(costs) > min(costs)
+                   and sum(costs) > MAX_MEAN_COST_VARIED * num_q)
+    if not persistent or long_varied or one_per_tile.total <= num_sms():
+      return one_per_tile
+    tiles = cls(num_q, num_heads, batch, num_sms())
+    work = tiles.work_per_cta(costs)
+    balanced = max(work) <= MAX_IMBALANCE * sum(work) / len(work)
+    return tiles if balanced else one_per_tile
+
+  @property
+  def total(self) -> int:
+    return self.num_q_tiles * self.num_heads * self.batch
+
+  def work_per_cta(self, costs) -> list:
+    """The summed costs of each CTA's tiles (Python ints, for planning)."""
+    work = [0] * self.num_ctas
+    for flat in range(self.total):
+      wave, pos = divmod(flat, self.num_ctas)
+      cta = pos if wave % 2 == 0 else self.num_ctas - 1 - pos
+      work[cta] += costs[self.num_q_tiles - 1 - flat % self.num_q_tiles]
+    return work
+
+  def _position(self, cta, wave):
+    """CTA `cta`'s position in a wave (snake order)."""
+    return jnp.where(lax.rem(wave, _i32(2)) == 0, cta,
+                     self.num_ctas - 1 - cta)
+
+  def count(self, cta):
+    """How many tiles CTA `cta` runs (an int32 scalar)."""
+    full, rest = divmod(self.total, self.num_ctas)
+    return full + (self._position(cta, _i32(full)) < rest).astype(jnp.int32)
+
+  def at(self, cta, t):
+    """(q_tile, head, batch) of CTA `cta`'s local tile t (int32 scalars)."""
+    flat = t * self.num_ctas + self._position(cta, t)
+    head_batch = lax.div(flat, _i32(self.num_q_tiles))
+    return (self.num_q_tiles - 1 - lax.rem(flat, _i32(self.num_q_tiles)),
+            lax.rem(head_batch, _i32(self.num_heads)),
+            lax.div(head_batch, _i32(self.num_heads)))
+
+  def loop(self, body, carry):
+    """carry = body(t, (q_tile, head, batch), carry) over this CTA's tiles
+    (inside a kernel with grid axis "cta")."""
+    cta = lax.axis_index("cta")
+    return lax.fori_loop(0, self.count(cta),
+                         lambda t, c: body(t, self.at(cta, t), c), carry)
+
+
+def _i32(n):
+  return jnp.asarray(n, jnp.int32)
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -177,19 +286,22 @@ def slot_of(i, stages: int):
   return lax.rem(i, jnp.asarray(stages, i.dtype))
 
 
-def fill_ring(num_steps, stages: int, load, drain=None):
+def fill_ring(num_steps, stages: int, load, drain=None, *, first=0):
   """The producer's loop: step i waits until its slot is free (from the
   second round on), then `load(i, slot, wait_free)` issues its copies;
   `wait_free()` must be called before each copy that overwrites a slot.
   `drain(i)`, if given, runs for every step `stages` iterations after its
-  load (the results of step i are then about ready)."""
+  load (the results of step i are then about ready). `first`: how many
+  steps earlier tiles of the CTA put through the ring (step i uses the slot
+  of ring step first + i)."""
+  assert drain is None or isinstance(first, int) and first == 0
 
   @pl.loop(0, num_steps + (stages if drain else 0))
   def _(i):
-    slot = slot_of(i, stages)
+    slot = slot_of(first + i, stages)
 
     def wait_free(barrier):
-      @pl.when(i >= stages)
+      @pl.when(first + i >= stages)
       def _():
         plgpu.barrier_wait(barrier.at[slot])
 
@@ -251,29 +363,36 @@ def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
   return buffers, barriers
 
 
-def kv_producer(refs, scratch, *, mask: MaskRule, block_k: int, stages: int,
-                head, batch, group: int, bounds):
+def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
+                stages: int, group: int, tiles: QueryTiles):
   """The TMA warpgroup of the query-major kernels (forward, dQ): K (with the
-  key segment ids) and V of every visited key block, in order, into the
-  ring of `kv_ring_scratch`."""
+  key segment ids) and V of every key block each of the CTA's tiles visits,
+  in order, into the ring of `kv_ring_scratch`; the ring runs on across
+  tiles, so the next tile's first blocks load while this one finishes."""
   bars = scratch["bars"]
-  start, end = bounds[0], bounds[3]
-  kv_head = lax.div(head, jnp.asarray(group, head.dtype))
 
-  def load(i, slot, wait_free):
-    keys = pl.ds((start + i) * block_k, block_k)
-    wait_free(bars["k_free"])
-    plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head],
-                            scratch["k"].at[slot], bars["k_ready"].at[slot])
-    if mask.has_segments:
-      plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
-                              scratch["kv_seg"].at[slot],
-                              bars["k_ready"].at[slot])
-    wait_free(bars["v_free"])
-    plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head],
-                            scratch["v"].at[slot], bars["v_ready"].at[slot])
+  def tile(t, coords, first):
+    q_tile, head, batch = coords
+    start, _, _, end = mask.key_blocks(q_tile, CONSUMERS * block_q, block_k)
+    kv_head = lax.div(head, _i32(group))
 
-  fill_ring(end - start, stages, load)
+    def load(i, slot, wait_free):
+      keys = pl.ds((start + i) * block_k, block_k)
+      wait_free(bars["k_free"])
+      plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head],
+                              scratch["k"].at[slot], bars["k_ready"].at[slot])
+      if mask.has_segments:
+        plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
+                                scratch["kv_seg"].at[slot],
+                                bars["k_ready"].at[slot])
+      wait_free(bars["v_free"])
+      plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head],
+                              scratch["v"].at[slot], bars["v_ready"].at[slot])
+
+    fill_ring(end - start, stages, load, first=first)
+    return first + end - start
+
+  tiles.loop(tile, _i32(0))
 
 
 def named_refs(args, names):
@@ -298,20 +417,34 @@ def warp_specialize(consumer, producer):
     producer()
 
 
+def query_tile_costs(mask: MaskRule, num_q_tiles: int,
+                     blocks: MosaicBlocks) -> list:
+  """The key blocks each query tile of the forward and dQ kernels visits
+  (Python ints; segment ids are not known when tracing: all of them)."""
+  costs = []
+  for i in range(num_q_tiles):
+    start, _, _, end = mask.key_blocks(i, CONSUMERS * blocks.block_q,
+                                       blocks.block_k)
+    costs.append(max(end - start, 0))
+  return costs
+
+
 def query_major_kernel(args, names, consumer, *, mask: MaskRule,
-                       blocks: MosaicBlocks, group: int, num_q_tiles: int):
-  """The body of a kernel parallel over query tiles (forward, dQ): grid
-  (q tiles, heads, batch), heaviest tile first; the consumers run
-  consumer(wg, refs, scratch, q_tile=, head=, batch=, bounds=) and the
-  producer streams K and V (`kv_producer`). `names`: the refs in order."""
+                       blocks: MosaicBlocks, group: int, tiles: QueryTiles):
+  """The body of a kernel parallel over query tiles (forward, dQ), grid
+  (tiles.num_ctas,) named "cta": the consumers run
+  consumer(wg, refs, scratch, tiles=tiles), each looping over the CTA's
+  tiles (`QueryTiles.loop`), and the producer streams K and V
+  (`kv_producer`). `names`: the refs in order."""
   refs, scratch = named_refs(args, names)
-  q_tile = num_q_tiles - 1 - lax.axis_index("q")  # heaviest (causal) first
-  head, batch = lax.axis_index("n"), lax.axis_index("b")
-  bounds = mask.key_blocks(q_tile, CONSUMERS * blocks.block_q,
-                           blocks.block_k)
   warp_specialize(
-      lambda wg: consumer(wg, refs, scratch, q_tile=q_tile, head=head,
-                          batch=batch, bounds=bounds),
-      lambda: kv_producer(refs, scratch, mask=mask, block_k=blocks.block_k,
-                          stages=blocks.stages, head=head, batch=batch,
-                          group=group, bounds=bounds))
+      lambda wg: consumer(wg, refs, scratch, tiles=tiles),
+      lambda: kv_producer(refs, scratch, mask=mask, block_q=blocks.block_q,
+                          block_k=blocks.block_k, stages=blocks.stages,
+                          group=group, tiles=tiles))
+
+
+def key_ring_step(first, bounds, kv_block):
+  """The ring step of key block `kv_block` of a tile whose key range
+  `bounds` starts at ring step `first` (see `kv_producer`)."""
+  return first + kv_block - bounds[0]

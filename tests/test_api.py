@@ -227,6 +227,8 @@ def test_narrow_windows_take_small_tiles():
     ("stages", 5, r"MosaicBlocks.stages must be an int in \[2, 4\], got 5"),
     ("stages", 1, r"MosaicBlocks.stages must be an int in \[2, 4\], got 1"),
     ("fused_dq", 1, "MosaicBlocks.fused_dq must be a bool, got 1"),
+    ("persistent", "yes",
+     "MosaicBlocks.persistent must be a bool, got 'yes'"),
 ])
 def test_mosaic_blocks_validation(field, value, message):
   with pytest.raises(ValueError, match=message):

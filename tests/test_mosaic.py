@@ -7,6 +7,7 @@ with `--compiled` on a Hopper GPU; elsewhere the tests check the errors.
 """
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import pytest
 
 import fa2_jax
 from fa2_jax import backends
+from pallas_kernels import mosaic_tiles
 from tests import numerics
 from tests.test_numerics import SHAPES, check_against_reference
 from tests.test_variants import CASES, lengths, packed_ids
@@ -87,6 +89,76 @@ def test_combined_variants(hopper):
                             implementation="mosaic")
 
 
+@pytest.mark.parametrize("grid", [(5, 3, 2, 7), (4, 2, 1, 8), (3, 1, 1, 3),
+                                  (128, 16, 1, 132), (8, 16, 16, 132)])
+def test_persistent_schedule(grid):
+  """Every (query tile, head, batch) runs exactly once, each CTA's tiles of
+  a head heaviest first; `work_per_cta` agrees with the kernel's walk."""
+  tiles = mosaic_tiles.QueryTiles(*grid)
+  costs = [q + 1 for q in range(tiles.num_q_tiles)]  # causal
+  seen, work = [], []
+  for cta in range(tiles.num_ctas):
+    mine = [tuple(int(x) for x in tiles.at(jnp.int32(cta), jnp.int32(t)))
+            for t in range(int(tiles.count(jnp.int32(cta))))]
+    for head_batch in set((h, b) for _, h, b in mine):
+      qs = [q for q, h, b in mine if (h, b) == head_batch]
+      assert qs == sorted(qs, reverse=True)
+    seen += mine
+    work.append(sum(costs[q] for q, _, _ in mine))
+  assert sorted(seen) == sorted(itertools.product(*map(range, grid[:3])))
+  assert work == tiles.work_per_cta(costs)
+
+
+@pytest.mark.parametrize("costs,heads,persistent", [
+    ([1] * 8, 256, True),  # 1k
+    ([9] * 128, 16, True),  # a band
+    (list(range(1, 9)), 256, True),  # 1k causal
+    (list(range(1, 33)), 64, True),  # 4k causal
+    (list(range(1, 129)), 16, False),  # 16k causal: the hardware balances
+    (list(range(1, 129)), 32, False),  # balanced, but long tiles
+    ([1] * 8, 16, False),  # fewer tiles than SMs
+])
+def test_persistent_when_balanced(costs, heads, persistent, monkeypatch):
+  monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 132)
+  tiles = mosaic_tiles.QueryTiles.make(costs, heads, 1, persistent=True)
+  assert (tiles.num_ctas < tiles.total) == persistent
+  if persistent:
+    work = tiles.work_per_cta(costs)
+    assert max(work) <= mosaic_tiles.MAX_IMBALANCE * np.mean(work)
+
+
+@pytest.fixture
+def few_sms(monkeypatch):
+  """The persistent forward on 3 CTAs, so that each runs several tiles
+  (balanced or not)."""
+  monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 3)
+  monkeypatch.setattr(mosaic_tiles, "MAX_IMBALANCE", float("inf"))
+  monkeypatch.setattr(mosaic_tiles, "MAX_MEAN_COST_VARIED", 10**9)
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("name", ["bottom_right-T>S", "window-2sided",
+                                  "packed-causal", "lengths-causal",
+                                  "soft_cap-causal-window"])
+def test_persistent_variants(name, hopper, few_sms):
+  """Tiles with no key block, bands, segments: the ring and the Q slots
+  run on across a CTA's tiles."""
+  shape, mask_fn = CASES[name]
+  check_against_reference(shape, jnp.bfloat16, False, mask_fn=mask_fn,
+                          seed=14, implementation="mosaic")
+
+
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 300, 260, 4, 2, 64, True), id="300x260-h64-gqa-causal"),
+    pytest.param((1, 1000, 777, 3, 1, 128, False), id="1000x777-h128-mqa"),
+])
+def test_persistent_geometry(shape, hopper, few_sms):
+  for dtype in (jnp.bfloat16, jnp.float16):
+    check_against_reference(shape, dtype, False, implementation="mosaic")
+
+
 def fused_dq_tiles(head_dim):
   """The default tiles with dQ fused into the dK/dV kernel."""
   return dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
@@ -143,8 +215,9 @@ def test_default_picks_mosaic_where_faster(hopper):
   assert "mosaic_gpu" in _lowered(is_causal=True)
   assert "mosaic_gpu" in _lowered(block_sizes=fa2_jax.MosaicBlocks(),
                                   seq_len=128)
+  assert "mosaic_gpu" in _lowered(seq_len=512)
   # Slower there (benchmarks/NOTES.md): short sequences, segment ids.
-  assert "mosaic_gpu" not in _lowered(seq_len=1024)
+  assert "mosaic_gpu" not in _lowered(seq_len=256)
   ids = jnp.zeros((1, 2048), jnp.int32)
   assert "mosaic_gpu" not in _lowered(q_segment_ids=ids)
   # Not carried by the Hopper kernels: the Triton ones run a bias.
