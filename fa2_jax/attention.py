@@ -89,7 +89,7 @@ def flash_attention(query, key, value, bias=None, mask=None, *, scale=None,
       log-sum-exp of the scaled logits of each query row (-inf for a row that
       sees no key). Differentiable.
     implementation: None picks: "mosaic" on a Hopper GPU when it supports
-      the arguments and runs them faster (T >= 2048, no segment ids:
+      the arguments and runs them faster (T >= 512, no segment ids:
       `fa2_jax.backends`), else "triton" on a GPU, else "xla". "mosaic": the
       Hopper kernels (Pallas Mosaic GPU: TMA, wgmma, warp specialization;
       sm90, float16/bfloat16; no bias, mask array, ALiBi or dropout: those

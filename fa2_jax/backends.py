@@ -6,10 +6,11 @@ support every argument and are the faster there, "triton" on other GPUs (or
 for what "mosaic" lacks or runs slower), "xla" on the CPU. An explicit
 "mosaic" that cannot run raises NotImplementedError naming why.
 
-Where "mosaic" is slower (measured on an H100, benchmarks/NOTES.md item 11):
-sequences under MOSAIC_MIN_SEQ_LEN queries (a CTA's fixed cost is not
-amortized over so few key blocks) and segment ids (the Hopper kernels do not
-yet skip the key blocks of other documents).
+Where "mosaic" is slower or not measured faster (on an H100,
+benchmarks/NOTES.md items 11 and 16): sequences under MOSAIC_MIN_SEQ_LEN
+queries (the persistent forward made it faster from 512 on; shorter ones
+were not measured) and segment ids (the Hopper kernels do not yet skip the
+key blocks of other documents).
 """
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ from pallas_kernels import mosaic_tiles
 
 IMPLEMENTATIONS = ("triton", "mosaic", "xla")
 MAX_KERNEL_HEAD_DIM = 256
-MOSAIC_MIN_SEQ_LEN = 2048
+MOSAIC_MIN_SEQ_LEN = 512
 
 
 def gpu_compute_capability() -> str | None:
