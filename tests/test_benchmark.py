@@ -32,7 +32,8 @@ def test_quick_writes_json_and_plots(tmp_path, capsys):
                "memory.png"):
     assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| 128 | 64 | True | fwd+bwd |" in capsys.readouterr().out
-  benchmark.main(["--compare", str(out / "results.json"), "--baseline", "xla"])
+  benchmark.main(["--compare", str(out / "results.json"), "--baseline", "xla",
+                  "--output-dir", str(tmp_path / "compare")])
   table = capsys.readouterr().out
   assert "fa2-triton / xla" in table and "| 128 | 64 | True | bwd |" in table
 
