@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import fa2_jax
 from fa2_jax.bench import timing
 
-FWD = [  # block_q, block_k, stages
-    (64, 128, 2), (64, 128, 3), (64, 64, 2), (64, 64, 4), (64, 192, 2),
-    (64, 256, 2)]
+FWD = [  # block_q, block_k, stages, persistent
+    (64, 128, 2, True), (64, 128, 2, False), (64, 128, 3, True),
+    (64, 64, 2, True), (64, 64, 4, True), (64, 192, 2, True),
+    (64, 256, 2, True)]
 BWD = [  # block_q_dkv, block_k_dkv, dq block_k, stages, fused_dq
     (64, 64, 128, 2, False), (64, 64, 64, 2, False), (64, 64, 128, 3, False),
     (128, 64, 128, 2, False), (64, 64, 128, 2, True), (128, 64, 128, 2, True)]
@@ -39,8 +40,9 @@ def main():
       batch, heads = max(1, 16384 // seq), 2048 // hd
       base = fa2_jax.default_mosaic_blocks(hd)
       cands = [] if args.bwd_only else [
-          ("fwd", dataclasses.replace(base, block_q=a, block_k=b, stages=c))
-          for a, b, c in FWD]
+          ("fwd", dataclasses.replace(base, block_q=a, block_k=b, stages=c,
+                                      persistent=d))
+          for a, b, c, d in FWD]
       cands += [("fwd+bwd", dataclasses.replace(
           base, block_q_dkv=a, block_k_dkv=b, block_k=c, stages=d,
           fused_dq=e)) for a, b, c, d, e in BWD]
@@ -64,7 +66,8 @@ def main():
           print(f"{seq:6d} h{hd} {'causal' if causal else 'full  '} "
                 f"{pass_:8s} q{b['block_q']} k{b['block_k']} "
                 f"dkv{b['block_q_dkv']}x{b['block_k_dkv']} s{b['stages']}"
-                f"{' fused' if b['fused_dq'] else ''}: "
+                f"{' fused' if b['fused_dq'] else ''}"
+                f"{'' if b['persistent'] else ' per-tile'}: "
                 f"{row.get('tflops', 0):6.1f} {row.get('error', '')}",
                 flush=True)
   if args.output:
