@@ -90,13 +90,9 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
   key0 = k_tile * (mt.CONSUMERS * bk) + wg * bk
   keys = pl.ds(key0, bk)
   k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
-  plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head], k_smem,
-                          bars["kv"].at[wg])
-  plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head], v_smem,
-                          bars["kv"].at[wg])
-  if mask.has_segments:
-    plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
-                            scratch["kv_seg"].at[wg], bars["kv"].at[wg])
+  mt.copy_rows(refs, ["k", "v"] + (["kv_seg"] if mask.has_segments else []),
+               lambda name: scratch[name].at[wg], bars["kv"].at[wg],
+               batch=batch, rows=keys, head=kv_head)
   plgpu.barrier_wait(bars["kv"].at[wg])
   kv_seg = (mt.load_vector(scratch["kv_seg"].at[wg], axis=0)
             if mask.has_segments else None)
@@ -215,26 +211,17 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
 
   def load(i, slot, wait_free):
     head, q_block = head_and_rows(i)
-    rows = pl.ds(q_block * bq, bq)
+    copy = functools.partial(
+        mt.copy_rows, refs, dst=lambda name: scratch[name].at[slot],
+        batch=batch, rows=pl.ds(q_block * bq, bq), head=head)
     wait_free(bars["free"])
-    ready = bars["q_ready"].at[slot]
-    plgpu.copy_gmem_to_smem(refs["q"].at[batch, rows, head],
-                            scratch["q"].at[slot], ready)
-    plgpu.copy_gmem_to_smem(refs["lse"].at[batch, head, rows],
-                            scratch["lse"].at[slot], ready)
-    if mask.has_segments:
-      plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows],
-                              scratch["q_seg"].at[slot], ready)
-    ready = bars["do_ready"].at[slot]
-    plgpu.copy_gmem_to_smem(refs["do"].at[batch, rows, head],
-                            scratch["do"].at[slot], ready)
-    plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, rows],
-                            scratch["delta"].at[slot], ready)
+    copy(["q", "lse"] + (["q_seg"] if mask.has_segments else []),
+         barrier=bars["q_ready"].at[slot])
+    copy(["do", "delta"], barrier=bars["do_ready"].at[slot])
 
-  def semaphore(i):
-    """The counter of step i's (batch, head, query block) and our rank in
-    its order: the key tiles that visit the block add in tile order."""
-    head, q_block = head_and_rows(i)
+  def semaphore(head, q_block):
+    """The counter of (batch, head, query block) and our rank in its order:
+    the key tiles that visit the block add in tile order."""
     num_q_blocks = refs["dq"].shape[1] // bq
     first = mask.key_blocks(q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[0]
     index = (batch * refs["dq"].shape[2] + head) * num_q_blocks + q_block
@@ -246,7 +233,7 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
     signalled: one step of slack, so the TMA's round trip to L2 does not
     stall the pipeline."""
     head, q_block = head_and_rows(i)
-    sem, rank = semaphore(i)
+    sem, rank = semaphore(head, q_block)
     slot = mt.slot_of(i, DQ_STAGES)
     plgpu.barrier_wait(bars["dq_ready"].at[slot])
     plgpu.semaphore_wait(sem, rank, decrement=False, memory_scope="gpu")
@@ -266,7 +253,8 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
     @pl.when(i > 0)
     def _():
       plgpu.wait_smem_to_gmem(1)  # step i - 1's sum is in global memory
-      plgpu.semaphore_signal(semaphore(i - 1)[0], 1, memory_scope="gpu")
+      plgpu.semaphore_signal(semaphore(*head_and_rows(i - 1))[0], 1,
+                             memory_scope="gpu")
 
   num_steps = group * num_q
   mt.fill_ring(num_steps, stages, load, drain=add_dq if split else None)
@@ -274,8 +262,8 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
     @pl.when(num_steps > 0)
     def _():
       plgpu.wait_smem_to_gmem(0)
-      plgpu.semaphore_signal(semaphore(num_steps - 1)[0], 1,
-                             memory_scope="gpu")
+      plgpu.semaphore_signal(semaphore(*head_and_rows(num_steps - 1))[0],
+                             1, memory_scope="gpu")
 
 
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
@@ -346,15 +334,10 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
     bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk)
     row0 = q_tile * (mt.CONSUMERS * bq) + wg * bq
     rows = pl.ds(row0, bq)
-    plgpu.copy_gmem_to_smem(refs["q"].at[batch, rows, head], q_smem, ready)
-    plgpu.copy_gmem_to_smem(refs["do"].at[batch, rows, head], do_smem, ready)
-    plgpu.copy_gmem_to_smem(refs["lse"].at[batch, head, rows],
-                            scratch["lse"].at[wg], ready)
-    plgpu.copy_gmem_to_smem(refs["delta"].at[batch, head, rows],
-                            scratch["delta"].at[wg], ready)
-    if mask.has_segments:
-      plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows],
-                              scratch["q_seg"].at[wg], ready)
+    mt.copy_rows(refs, ["q", "do", "lse", "delta"]
+                 + (["q_seg"] if mask.has_segments else []),
+                 lambda name: scratch[name].at[wg], ready, batch=batch,
+                 rows=rows, head=head)
     plgpu.barrier_wait(ready)
     lse2 = mt.load_vector(scratch["lse"].at[wg], axis=0)
     delta = mt.load_vector(scratch["delta"].at[wg], axis=0)
@@ -479,10 +462,9 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
     dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,
                     mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype)
   else:
-    tiles = mt.QueryTiles.make(
-        mt.query_tile_costs(mask, tp // (mt.CONSUMERS * blocks.block_q),
-                            blocks), num_heads, batch,
-        persistent=False)  # no Q/dO prefetch: persistence measured no gain
+    # Not persistent: no room to prefetch Q and dO, and no gain measured.
+    tiles = mt.QueryTiles.one_per_tile(
+        tp // (mt.CONSUMERS * blocks.block_q), num_heads, batch)
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, mask=mask, score=score, blocks=blocks,
                           group=group, tiles=tiles),

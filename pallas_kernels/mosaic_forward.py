@@ -49,12 +49,10 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
   def load_q(t, slot):  # Q (and its segment ids) of local tile t
     q_tile, head, batch = tiles.at(cta, t)
-    ready = bars["q"].at[slot * mt.CONSUMERS + wg]
-    plgpu.copy_gmem_to_smem(q_ref.at[batch, rows_of(q_tile), head],
-                            scratch["q"].at[slot, wg], ready)
-    if mask.has_segments:
-      plgpu.copy_gmem_to_smem(refs["q_seg"].at[batch, rows_of(q_tile)],
-                              scratch["q_seg"].at[slot, wg], ready)
+    mt.copy_rows(refs, ["q"] + (["q_seg"] if mask.has_segments else []),
+                 lambda name: scratch[name].at[slot, wg],
+                 bars["q"].at[slot * mt.CONSUMERS + wg], batch=batch,
+                 rows=rows_of(q_tile), head=head)
 
   def schedule():  # both consumers meet here, one phase apart
     plgpu.barrier_arrive(bars["schedule"])

@@ -137,15 +137,22 @@ class QueryTiles:
            persistent: bool) -> "QueryTiles":
     """costs[i]: the key blocks query tile i visits (its work)."""
     num_q = len(costs)
-    one_per_tile = cls(num_q, num_heads, batch, num_q * num_heads * batch)
-    long_varied = (max(costs) > min(costs)
-                   and sum(costs) > MAX_MEAN_COST_VARIED * num_q)
-    if not persistent or long_varied or one_per_tile.total <= num_sms():
+    one_per_tile = cls.one_per_tile(num_q, num_heads, batch)
+    if not persistent or one_per_tile.total <= num_sms():
+      return one_per_tile
+    if (max(costs) > min(costs)
+        and sum(costs) > MAX_MEAN_COST_VARIED * num_q):
       return one_per_tile
     tiles = cls(num_q, num_heads, batch, num_sms())
     work = tiles.work_per_cta(costs)
     balanced = max(work) <= MAX_IMBALANCE * sum(work) / len(work)
     return tiles if balanced else one_per_tile
+
+  @classmethod
+  def one_per_tile(cls, num_q_tiles: int, num_heads: int,
+                   batch: int) -> "QueryTiles":
+    return cls(num_q_tiles, num_heads, batch,
+               num_q_tiles * num_heads * batch)
 
   @property
   def total(self) -> int:
@@ -281,6 +288,22 @@ def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
   return mask.visible(q_idx, k_idx, q_seg, kv_seg)
 
 
+def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
+  """TMA copies of the token rows `rows` of each named input, in order,
+  into the shared-memory buffer dst(name), completing on `barrier`:
+  tokens [B, L, heads, H] (q, k, v, do) and statistics [B, heads, L] (lse,
+  delta) at `head`, segment ids [B, L]."""
+  for name in names:
+    ref = refs[name]
+    if ref.ndim == 4:
+      src = ref.at[batch, rows, head]
+    elif ref.ndim == 3:
+      src = ref.at[batch, head, rows]
+    else:
+      src = ref.at[batch, rows]
+    plgpu.copy_gmem_to_smem(src, dst(name), barrier)
+
+
 def slot_of(i, stages: int):
   """The ring slot of pipeline step i (an int32 scalar)."""
   return lax.rem(i, jnp.asarray(stages, i.dtype))
@@ -377,17 +400,15 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
     kv_head = lax.div(head, _i32(group))
 
     def load(i, slot, wait_free):
-      keys = pl.ds((start + i) * block_k, block_k)
+      copy = functools.partial(
+          copy_rows, refs, dst=lambda name: scratch[name].at[slot],
+          batch=batch, rows=pl.ds((start + i) * block_k, block_k),
+          head=kv_head)
       wait_free(bars["k_free"])
-      plgpu.copy_gmem_to_smem(refs["k"].at[batch, keys, kv_head],
-                              scratch["k"].at[slot], bars["k_ready"].at[slot])
-      if mask.has_segments:
-        plgpu.copy_gmem_to_smem(refs["kv_seg"].at[batch, keys],
-                                scratch["kv_seg"].at[slot],
-                                bars["k_ready"].at[slot])
+      copy(["k"] + (["kv_seg"] if mask.has_segments else []),
+           barrier=bars["k_ready"].at[slot])
       wait_free(bars["v_free"])
-      plgpu.copy_gmem_to_smem(refs["v"].at[batch, keys, kv_head],
-                              scratch["v"].at[slot], bars["v_ready"].at[slot])
+      copy(["v"], barrier=bars["v_ready"].at[slot])
 
     fill_ring(end - start, stages, load, first=first)
     return first + end - start

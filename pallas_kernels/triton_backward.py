@@ -279,7 +279,7 @@ def _query_major_call(q, k, v, do, lse, delta, variants, *, mask, score,
     ds_spec = pl.BlockSpec((None, None, g.block_q, g.seq_len_k_padded),
                            lambda i, b, h: (b, h, g.q_block(i), 0))
     out_shape = out_struct((batch, num_heads, seq_len_q, seq_len_k),
-                                 jnp.float32, q)
+                           jnp.float32, q)
     aliases = {len(inputs): 0}
     inputs.append(jnp.zeros(out_shape.shape, out_shape.dtype))
     in_specs.append(ds_spec)

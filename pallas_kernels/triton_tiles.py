@@ -17,7 +17,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import mask as mask_lib
 
 
-
 def _pow2_at_least_16(n: int) -> int:
   """The smallest power of two >= n, and at least 16 (Triton's dot minimum)."""
   return max(16, 1 << (n - 1).bit_length())
