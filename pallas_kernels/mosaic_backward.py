@@ -3,7 +3,9 @@
 Two kernels, both deterministic (no atomics): each output tile is summed in
 a fixed order.
 
-* dK/dV: one CTA per (CONSUMERS * block_k_dkv keys, kv head, batch). Each
+* dK/dV: one CTA per (CONSUMERS * block_k_dkv keys, kv head, batch), or,
+  persistent (`mt.Tiles`), one CTA per SM looping over its share, with the
+  next tile's K and V loading into a second slot during this one. Each
   consumer warpgroup keeps 64 keys of K and V in shared memory and dK, dV in
   registers; the producer streams Q, dO, LSE and delta of every query head of
   the kv head's group (GQA sums inside the CTA) and every query block that
@@ -81,81 +83,109 @@ def _step_of(g, q_block, *, num_q, end):
   return g * num_q + (end - 1 - q_block)
 
 
-def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, k_tile,
-                   kv_head, batch, group: int, bounds, split):
+def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
+                   tiles: mt.Tiles, split):
+  """One consumer warpgroup: keys [k_tile * 2 bk + wg * bk, + bk) of each of
+  the CTA's key tiles, with dK and dV in registers."""
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   bars = scratch["bars"]
   dtype = refs["k"].dtype
-  num_q = bounds[3] - bounds[0]
-  key0 = k_tile * (mt.CONSUMERS * bk) + wg * bk
-  keys = pl.ds(key0, bk)
-  k_smem, v_smem = scratch["k"].at[wg], scratch["v"].at[wg]
-  mt.copy_rows(refs, ["k", "v"] + (["kv_seg"] if mask.has_segments else []),
-               lambda name: scratch[name].at[wg], bars["kv"].at[wg],
-               batch=batch, rows=keys, head=kv_head)
-  plgpu.barrier_wait(bars["kv"].at[wg])
-  kv_seg = (mt.load_vector(scratch["kv_seg"].at[wg], axis=0)
-            if mask.has_segments else None)
-  hp = k_smem.shape[-1]
+  kv_slots = scratch["k"].shape[0]
+  cta = lax.axis_index("cta")
+  num_tiles = tiles.count(cta)
 
-  def head_loop(g, carry):
-    def step(q_block, carry, *, masked: bool):
-      dk, dv = carry
-      i = _step_of(g, q_block, num_q=num_q, end=bounds[3])
-      slot = mt.slot_of(i, stages)
-      q_smem, do_smem = scratch["q"].at[slot], scratch["do"].at[slot]
-      plgpu.barrier_wait(bars["q_ready"].at[slot])
+  def keys_of(k_tile):  # this consumer's keys of a tile
+    return pl.ds(k_tile * (mt.CONSUMERS * bk) + wg * bk, bk)
 
-      s = mt.matmul_t(k_smem, q_smem, (bk, bq))  # S^T = K Q^T
-      q_seg = (mt.load_vector(scratch["q_seg"].at[slot], axis=1)
-               if mask.has_segments else None)
-      lse2 = mt.load_vector(scratch["lse"].at[slot], axis=1)
-      p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
-                            shape=(bk, bq), query_axis=1,
-                            q_start=q_block * bq, k_start=key0, q_seg=q_seg,
-                            kv_seg=kv_seg)
-      plgpu.barrier_wait(bars["do_ready"].at[slot])
+  def load_kv(t, slot):  # K and V (and key segment ids) of local tile t
+    k_tile, kv_head, batch = tiles.at(cta, t)
+    mt.copy_rows(refs, ["k", "v"] + (["kv_seg"] if mask.has_segments else []),
+                 lambda name: scratch[name].at[slot, wg],
+                 bars["kv"].at[slot * mt.CONSUMERS + wg], batch=batch,
+                 rows=keys_of(k_tile), head=kv_head)
 
-      def dv_dp(refs_):
-        dv_ref, dp_ref = refs_
-        plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
-        plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+  def tile(t, coords, first):
+    k_tile, kv_head, batch = coords
+    bounds = mask.query_blocks(k_tile, bq, mt.CONSUMERS * bk)
+    num_q = bounds[3] - bounds[0]
+    key0 = k_tile * (mt.CONSUMERS * bk) + wg * bk
+    # dK and dV are staged in the K and V slot.
+    kv_slot, next_kv = mt.operand_slot(
+        t, num_tiles, kv_slots, load_kv,
+        lambda slot: bars["kv"].at[slot * mt.CONSUMERS + wg])
+    k_smem, v_smem = scratch["k"].at[kv_slot, wg], scratch["v"].at[kv_slot, wg]
+    kv_seg = (mt.load_vector(scratch["kv_seg"].at[kv_slot, wg], axis=0)
+              if mask.has_segments else None)
+    hp = k_smem.shape[-1]
 
-      dv, dp = pl.run_state(dv_dp)((plgpu.ACC.init(dv),
-                                    plgpu.ACC.init(mt.wgmma_zeros((bk, bq)))))
-      delta = mt.load_vector(scratch["delta"].at[slot], axis=1)
-      ds = score.through_cap(p * (dp - mt.broadcast(delta, (bk, bq), 1)),
-                             t).astype(dtype)
-      if split:  # dS^T to shared memory, for the dQ matmul of both halves
-        @pl.when(i > 0)  # both consumers' last dQ matmuls have read it
-        def _():
-          plgpu.barrier_wait(bars["ds_free"])
-        scratch["ds"].at[wg][...] = ds
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(bars["ds_ready"])
+    def head_loop(g, carry):
+      def step(q_block, carry, *, masked: bool):
+        dk, dv = carry
+        i = _step_of(g, q_block, num_q=num_q, end=bounds[3])
+        slot = mt.slot_of(first + i, stages)
+        q_smem, do_smem = scratch["q"].at[slot], scratch["do"].at[slot]
+        plgpu.barrier_wait(bars["q_ready"].at[slot])
 
-      def dk_acc(acc_ref):
-        plgpu.wgmma(acc_ref, ds, q_smem)
+        # S^T = K Q^T; the next tile's K and V load under the first one.
+        prefetch = (lambda: pl.when(i == 0)(next_kv)) if next_kv else None
+        s = mt.matmul_t(k_smem, q_smem, (bk, bq), during=prefetch)
+        q_seg = (mt.load_vector(scratch["q_seg"].at[slot], axis=1)
+                 if mask.has_segments else None)
+        lse2 = mt.load_vector(scratch["lse"].at[slot], axis=1)
+        p, t_cap = _probabilities(s, lse2, mask=mask, score=score,
+                                  masked=masked, shape=(bk, bq), query_axis=1,
+                                  q_start=q_block * bq, k_start=key0,
+                                  q_seg=q_seg, kv_seg=kv_seg)
+        plgpu.barrier_wait(bars["do_ready"].at[slot])
 
-      dk = pl.run_state(dk_acc)(plgpu.ACC.init(dk))
-      plgpu.barrier_arrive(bars["free"].at[slot])
-      if split:
-        _dq_tile(wg, i, scratch, split=split, bq=bq, hp=hp)
-      return dk, dv
+        def dv_dp(refs_):
+          dv_ref, dp_ref = refs_
+          plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
+          plgpu.wgmma(dp_ref, v_smem, do_smem.T)
 
-    return mt.visit_runs(bounds, mask.query_loops(), step, carry,
-                         reverse=True)
+        dv, dp = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(
+            mt.wgmma_zeros((bk, bq)))))
+        delta = mt.load_vector(scratch["delta"].at[slot], axis=1)
+        ds = score.through_cap(p * (dp - mt.broadcast(delta, (bk, bq), 1)),
+                               t_cap).astype(dtype)
+        if split:  # dS^T to shared memory, for the dQ matmul of both halves
+          @pl.when(i > 0)  # both consumers' last dQ matmuls have read it
+          def _():
+            plgpu.barrier_wait(bars["ds_free"])
+          scratch["ds"].at[wg][...] = ds
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(bars["ds_ready"])
 
-  zeros = mt.wgmma_zeros((bk, hp))
-  dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
-  if split:  # the other consumer's last dQ matmul may still read our K
-    plgpu.barrier_arrive(bars["k_read"])
-    plgpu.barrier_wait(bars["k_read"])
-  k_smem[...] = (dk * score.scale).astype(dtype)
-  v_smem[...] = dv.astype(dtype)
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(k_smem, refs["dk"].at[batch, keys, kv_head])
-  plgpu.copy_smem_to_gmem(v_smem, refs["dv"].at[batch, keys, kv_head])
+        def dk_acc(acc_ref):
+          plgpu.wgmma(acc_ref, ds, q_smem)
+
+        dk = pl.run_state(dk_acc)(plgpu.ACC.init(dk))
+        plgpu.barrier_arrive(bars["free"].at[slot])
+        if split:
+          _dq_tile(wg, i, scratch, split=split, bq=bq, hp=hp)
+        return dk, dv
+
+      return mt.visit_runs(bounds, mask.query_loops(), step, carry,
+                           reverse=True)
+
+    zeros = mt.wgmma_zeros((bk, hp))
+    dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
+    if next_kv:
+      pl.when(num_q == 0)(next_kv)  # a tile with no step
+    if split:  # the other consumer's last dQ matmul may still read our K
+      plgpu.barrier_arrive(bars["k_read"])
+      plgpu.barrier_wait(bars["k_read"])
+    k_smem[...] = (dk * score.scale).astype(dtype)
+    v_smem[...] = dv.astype(dtype)
+    plgpu.commit_smem()
+    keys = keys_of(k_tile)
+    plgpu.copy_smem_to_gmem(k_smem, refs["dk"].at[batch, keys, kv_head])
+    plgpu.copy_smem_to_gmem(v_smem, refs["dv"].at[batch, keys, kv_head])
+    return first + group * num_q
+
+  if kv_slots > 1:
+    pl.when(num_tiles > 0)(lambda: load_kv(0, 0))
+  tiles.loop(tile, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -178,7 +208,8 @@ def _dq_tile(wg, i, scratch, *, split: str, bq: int, hp: int):
   def _():
     plgpu.barrier_wait(bars["dq_free"].at[slot])
 
-  ds, k = scratch["ds"], scratch["k"]
+  ds = scratch["ds"]
+  k = scratch["k"].at[0]  # one K/V slot: the fused dQ is never persistent
   half = _dq_half(wg, split, bq, hp)
   if split == "cols":
     operands = lambda w: (ds.at[w].T, k.at[w].at[:, half])
@@ -198,26 +229,52 @@ def _dq_tile(wg, i, scratch, *, split: str, bq: int, hp: int):
   plgpu.barrier_arrive(bars["dq_ready"].at[slot])
 
 
-def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
-                   batch, group: int, bounds, split):
+def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
+                   tiles: mt.Tiles, split):
+  """The TMA warpgroup: Q, LSE (and segment ids), dO and delta of every
+  step of each of the CTA's key tiles into the ring, which runs on across
+  tiles; with the fused dQ, also the ordered adds of the dQ tiles."""
   bq, stages = blocks.block_q_dkv, blocks.stages
   bars = scratch["bars"]
-  num_q = bounds[3] - bounds[0]
-  divisor = jnp.maximum(num_q, 1)
 
-  def head_and_rows(i):  # the inverse of _step_of
-    g = lax.div(i, divisor)
-    return kv_head * group + g, bounds[3] - 1 - lax.rem(i, divisor)
+  def tile(t, coords, first):
+    k_tile, kv_head, batch = coords
+    bounds = mask.query_blocks(k_tile, bq, mt.CONSUMERS * blocks.block_k_dkv)
+    num_q = bounds[3] - bounds[0]
+    divisor = jnp.maximum(num_q, 1)
 
-  def load(i, slot, wait_free):
-    head, q_block = head_and_rows(i)
-    copy = functools.partial(
-        mt.copy_rows, refs, dst=lambda name: scratch[name].at[slot],
-        batch=batch, rows=pl.ds(q_block * bq, bq), head=head)
-    wait_free(bars["free"])
-    copy(["q", "lse"] + (["q_seg"] if mask.has_segments else []),
-         barrier=bars["q_ready"].at[slot])
-    copy(["do", "delta"], barrier=bars["do_ready"].at[slot])
+    def head_and_rows(i):  # the inverse of _step_of
+      g = lax.div(i, divisor)
+      return kv_head * group + g, bounds[3] - 1 - lax.rem(i, divisor)
+
+    def load(i, slot, wait_free):
+      head, q_block = head_and_rows(i)
+      copy = functools.partial(
+          mt.copy_rows, refs, dst=lambda name: scratch[name].at[slot],
+          batch=batch, rows=pl.ds(q_block * bq, bq), head=head)
+      wait_free(bars["free"])
+      copy(["q", "lse"] + (["q_seg"] if mask.has_segments else []),
+           barrier=bars["q_ready"].at[slot])
+      copy(["do", "delta"], barrier=bars["do_ready"].at[slot])
+
+    num_steps = group * num_q
+    if split:  # one tile per CTA
+      _fused_dq_producer(refs, scratch, sems, load, head_and_rows,
+                         num_steps, mask=mask, blocks=blocks, split=split,
+                         k_tile=k_tile, batch=batch)
+    else:
+      mt.fill_ring(num_steps, stages, load, first=first)
+    return first + num_steps
+
+  tiles.loop(tile, jnp.int32(0))
+
+
+def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
+                       *, mask, blocks, split, k_tile, batch):
+  """The producer's loop with the fused dQ: the ring's loads and, a round
+  behind, the adds of each step's dQ tile in key-tile order."""
+  bq, stages = blocks.block_q_dkv, blocks.stages
+  bars = scratch["bars"]
 
   def semaphore(head, q_block):
     """The counter of (batch, head, query block) and our rank in its order:
@@ -256,52 +313,79 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, k_tile, kv_head,
       plgpu.semaphore_signal(semaphore(*head_and_rows(i - 1))[0], 1,
                              memory_scope="gpu")
 
-  num_steps = group * num_q
-  mt.fill_ring(num_steps, stages, load, drain=add_dq if split else None)
-  if split:
-    @pl.when(num_steps > 0)
-    def _():
-      plgpu.wait_smem_to_gmem(0)
-      plgpu.semaphore_signal(semaphore(*head_and_rows(num_steps - 1))[0],
-                             1, memory_scope="gpu")
+  mt.fill_ring(num_steps, stages, load, drain=add_dq)
+
+  @pl.when(num_steps > 0)
+  def _():
+    plgpu.wait_smem_to_gmem(0)
+    plgpu.semaphore_signal(semaphore(*head_and_rows(num_steps - 1))[0],
+                           1, memory_scope="gpu")
 
 
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
-                 num_sems: int):
+                 num_sems: int, tiles: mt.Tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
   outs = ["dk", "dv"] + (["dq"] if split else [])
   refs, scratch = mt.named_refs(args, names + outs)
   sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
           if split else None)
-  k_tile, kv_head, batch = (lax.axis_index(a) for a in ("k", "kv", "b"))
-  bounds = mask.query_blocks(k_tile, blocks.block_q_dkv,
-                             mt.CONSUMERS * blocks.block_k_dkv)
-  common = dict(mask=mask, blocks=blocks, kv_head=kv_head, batch=batch,
-                group=group, bounds=bounds, split=split, k_tile=k_tile)
+  common = dict(mask=mask, blocks=blocks, group=group, split=split,
+                tiles=tiles)
   mt.warp_specialize(
       lambda wg: _dkdv_consumer(wg, refs, scratch, score=score, **common),
       lambda: _dkdv_producer(refs, scratch, sems, **common))
 
 
-def _dkdv_scratch(mask, blocks, hp: int, dtype, split):
+# The dK/dV kernel runs persistent only where its key tiles average at
+# most this many steps: longer ones amortize a CTA's fixed cost anyway (16k
+# at head_dim 128, 256 steps: 481 TFLOP/s persistent vs 491 one CTA per
+# tile on an H100; benchmarks/NOTES.md item 17).
+MAX_PERSISTENT_STEPS = 64
+
+
+def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
+                    blocks: mt.MosaicBlocks, group: int) -> list:
+  """The steps (query blocks, over the group's heads) of each key tile of
+  the dK/dV kernel (Python ints)."""
+  costs = []
+  for i in range(num_k_tiles):
+    start, _, _, end = mask.query_blocks(i, blocks.block_q_dkv,
+                                         mt.CONSUMERS * blocks.block_k_dkv)
+    costs.append(group * max(end - start, 0))
+  return costs
+
+
+def _fits_two_kv_slots(blocks: mt.MosaicBlocks, head_dim: int,
+                       dtype) -> bool:
+  """Whether the next key tile's K and V can load into shared memory beside
+  this tile's and the ring of Q and dO (what the persistent dK/dV kernel
+  needs)."""
+  row = jnp.dtype(dtype).itemsize * head_dim
+  kv_tile = 2 * mt.CONSUMERS * blocks.block_k_dkv * row
+  ring = 2 * blocks.stages * blocks.block_q_dkv * row
+  return 2 * kv_tile + ring <= mt.PERSISTENT_SMEM
+
+
+def _dkdv_scratch(mask, blocks, hp: int, dtype, split, kv_slots: int):
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   segs = 1 if mask.has_segments else 0
   scratch = dict(
-      k=mt.tile_smem((mt.CONSUMERS, bk, hp), dtype),
-      v=mt.tile_smem((mt.CONSUMERS, bk, hp), dtype),
+      k=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype),
+      v=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype),
       q=mt.tile_smem((stages, bq, hp), dtype),
       do=mt.tile_smem((stages, bq, hp), dtype),
       lse=plgpu.SMEM((stages, bq), jnp.float32),
       delta=plgpu.SMEM((stages, bq), jnp.float32),
       bars=dict(
-          kv=plgpu.Barrier(num_arrivals=2 + segs, num_barriers=mt.CONSUMERS),
+          kv=plgpu.Barrier(num_arrivals=2 + segs,
+                           num_barriers=kv_slots * mt.CONSUMERS),
           q_ready=plgpu.Barrier(num_arrivals=2 + segs, num_barriers=stages),
           do_ready=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
           free=plgpu.Barrier(num_arrivals=mt.CONSUMERS,
                              num_barriers=stages)))
   if mask.has_segments:
-    scratch["kv_seg"] = plgpu.SMEM((mt.CONSUMERS, bk), jnp.int32)
+    scratch["kv_seg"] = plgpu.SMEM((kv_slots, mt.CONSUMERS, bk), jnp.int32)
     scratch["q_seg"] = plgpu.SMEM((stages, bq), jnp.int32)
   if split:
     scratch["ds"] = mt.tile_smem((mt.CONSUMERS, bk, bq), dtype)
@@ -449,21 +533,28 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   dk_dv = [out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
            for x in (k, v)]
   dq_sum = [out_struct((batch, tp, num_heads, hp), jnp.float32, q)]
+  key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
+  dkdv_tiles = mt.Tiles.make(
+      key_costs, num_kv_heads, batch,
+      persistent=(blocks.persistent and not split
+                  and _fits_two_kv_slots(blocks, hp, q.dtype)
+                  and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
+      last_first=False)
   outs = plgpu.kernel(
       functools.partial(_dkdv_kernel, mask=mask, score=score, blocks=blocks,
-                        group=group, split=split,
+                        group=group, split=split, tiles=dkdv_tiles,
                         num_sems=batch * num_heads * num_q_blocks),
       out_type=(*dk_dv, *(dq_sum if split else [])),
-      scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype, split)],
-      grid=(num_k_tiles, num_kv_heads, batch), grid_names=("k", "kv", "b"),
-      **common)(*inputs)
+      scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype, split,
+                                   2 if dkdv_tiles.persistent else 1)],
+      grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(*inputs)
   dk, dv = outs[:2]
   if split:
     dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,
                     mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype)
   else:
     # Not persistent: no room to prefetch Q and dO, and no gain measured.
-    tiles = mt.QueryTiles.one_per_tile(
+    tiles = mt.Tiles.one_per_tile(
         tp // (mt.CONSUMERS * blocks.block_q), num_heads, batch)
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, mask=mask, score=score, blocks=blocks,

@@ -1,7 +1,7 @@
 """FlashAttention-2 forward (Algorithm 1) for Hopper, Pallas Mosaic GPU.
 
 Work items are (query tile of CONSUMERS * block_q rows, query head, batch):
-one CTA each, or, persistent (`mt.QueryTiles`), one CTA per SM looping over
+one CTA each, or, persistent (`mt.Tiles`), one CTA per SM looping over
 its share, with the K/V ring running on across tiles and the next tile's Q
 loading into a second slot during this one. Each CTA has three warpgroups:
   * a producer that TMA-copies the K and V tiles the CTA visits into a ring
@@ -29,7 +29,7 @@ from pallas_kernels.scores import LN2, ScoreRule
 
 
 def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
-              blocks: mt.MosaicBlocks, tiles: mt.QueryTiles):
+              blocks: mt.MosaicBlocks, tiles: mt.Tiles):
   """One consumer warpgroup: rows [q_tile * 2 bq + wg * bq, + bq) of each of
   the CTA's tiles."""
   bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
@@ -63,21 +63,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk)
     start, end = bounds[0], bounds[3]
     row0 = first_row(q_tile)
-    q_slot = lax.rem(t, jnp.int32(q_slots))
+    # O is staged in the Q slot (and the LSE buffer is reused).
+    q_slot, next_q = mt.operand_slot(
+        t, num_tiles, q_slots, load_q,
+        lambda slot: bars["q"].at[slot * mt.CONSUMERS + wg])
     q_smem = scratch["q"].at[q_slot, wg]
-
-    def next_q():
-      # The slot being refilled was the staging buffer of an earlier O (and
-      # the LSE buffer is reused): those stores must have read it.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      if q_slots == 1:
-        load_q(t, 0)
-      else:
-        pl.when(t + 1 < num_tiles)(lambda: load_q(t + 1, 1 - q_slot))
-
-    if q_slots == 1:
-      next_q()
-    plgpu.barrier_wait(bars["q"].at[q_slot * mt.CONSUMERS + wg])
     q_seg = (mt.load_vector(scratch["q_seg"].at[q_slot, wg], axis=0)
              if mask.has_segments else None)
 
@@ -87,7 +77,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
       def qk(acc_ref):  # S = Q K^T
         plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-        if q_slots > 1:  # the next tile's Q loads under this tile
+        if next_q:  # the next tile's Q loads under this tile
           pl.when(kv_block == start)(next_q)
         schedule()  # the other consumer's softmax runs during this wgmma
         return acc_ref[...]
@@ -140,7 +130,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     pl.when(wg == 1)(schedule)
     carry = mt.visit_runs(bounds, mask.key_loops(), step, carry)
     pl.when(wg == 0)(schedule)
-    if q_slots > 1:
+    if next_q:
       pl.when(end == start)(next_q)  # a tile with no step
 
     # One final rescale (line 12); rows that saw no key output 0, lse -inf.
@@ -165,18 +155,12 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
 
 def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
-            group: int, tiles: mt.QueryTiles):
+            group: int, tiles: mt.Tiles):
   names = ["q", "k", "v"] + (["q_seg", "kv_seg"] if mask.has_segments else [])
   mt.query_major_kernel(
       args, names + ["out", "lse"],
       functools.partial(_consumer, mask=mask, score=score, blocks=blocks),
       mask=mask, blocks=blocks, group=group, tiles=tiles)
-
-
-# Shared memory the persistent forward may fill with two Q slots and the
-# ring (of the 227 KiB an H100 CTA can have, some left for the LSE,
-# segment ids and barriers).
-_PERSISTENT_SMEM = 200 * 1024
 
 
 def _fits_two_q_slots(blocks: mt.MosaicBlocks, head_dim: int, dtype) -> bool:
@@ -185,7 +169,7 @@ def _fits_two_q_slots(blocks: mt.MosaicBlocks, head_dim: int, dtype) -> bool:
   size = jnp.dtype(dtype).itemsize * head_dim
   q_tile = mt.CONSUMERS * blocks.block_q * size
   ring = 2 * blocks.stages * blocks.block_k * size
-  return 2 * q_tile + ring <= _PERSISTENT_SMEM
+  return 2 * q_tile + ring <= mt.PERSISTENT_SMEM
 
 
 def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype,
@@ -227,12 +211,12 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   sp = mt.round_up(seq_len_k, blocks.block_k)
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
             mt.pad_tokens(v, sp, hp), *mt.pad_segments(segments, tp, sp))
-  tiles = mt.QueryTiles.make(
+  tiles = mt.Tiles.make(
       mt.query_tile_costs(mask, tp // rows_per_cta, blocks), num_heads,
       batch,
       persistent=blocks.persistent and _fits_two_q_slots(blocks, hp, q.dtype))
   # A CTA with several tiles loads the next one's Q during this one.
-  q_slots = 2 if tiles.num_ctas < tiles.total else 1
+  q_slots = 2 if tiles.persistent else 1
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,
       group=num_heads // num_kv_heads, tiles=tiles)

@@ -48,12 +48,13 @@ class MosaicBlocks:
     H100 it is slower so far (benchmarks/NOTES.md item 13). Takes effect
     where head_dim pads to 128, or to 64 with block_q_dkv >= 128; elsewhere
     (head_dim > 128, or 64 with 64-row blocks) the separate dQ kernel runs.
-  persistent: the forward runs one CTA per SM that loops over its query
-    tiles, loading the next tile's Q and K/V while it finishes the current
-    one. Takes effect where two Q tiles and the ring fit in shared memory
-    (head_dim <= 128 with 2 stages) and `QueryTiles.make` finds the static
-    split balanced (not a causal mask over long sequences); otherwise one
-    CTA per tile.
+  persistent: the forward and the dK/dV kernel run one CTA per SM that
+    loops over its tiles, loading the next tile's Q (dK/dV: K and V) while
+    it finishes the current one. Takes effect where two such slots and the
+    ring fit in shared memory (head_dim <= 128 with 2 stages) and
+    `Tiles.make` finds the static split balanced (not a causal mask over
+    long sequences; for dK/dV, key tiles of at most 64 steps and no fused
+    dQ); otherwise one CTA per tile.
   """
   block_q: int = 64
   block_k: int = 128
@@ -115,48 +116,68 @@ MAX_IMBALANCE = 1.05
 MAX_MEAN_COST_VARIED = 32
 
 
-@dataclasses.dataclass(frozen=True)
-class QueryTiles:
-  """The (query tile, head, batch) work items of a query-major kernel and
-  how its `num_ctas` CTAs (grid axis "cta") share them.
+# Shared memory a persistent kernel may fill with its two slots of per-tile
+# operands and its ring (of the 227 KiB an H100 CTA can have, some left for
+# statistics, segment ids and barriers).
+PERSISTENT_SMEM = 200 * 1024
 
-  Tiles are ordered by head and batch, and within a head heaviest first
-  (last query tile first: the longest key range under a causal mask), so
-  the tiles that read the same K and V run together. With one CTA per tile
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """The (tile, head, batch) work items of a kernel parallel over tiles of
+  one sequence (query tiles: forward, dQ; key tiles: dK/dV) and how its
+  `num_ctas` CTAs (grid axis "cta") share them.
+
+  Items are ordered by head and batch, and within a head heaviest first
+  (`last_first`: the last query tile sees the most keys under a causal
+  mask; the first key tile is seen by the most queries), so the tiles that
+  read the same K and V (or Q and dO) run together. With one CTA per tile
   the hardware schedules them in that order; with fewer (persistent), CTA c
   takes position c of every wave of `num_ctas` tiles, reversed on odd waves
   so that the waves' heavy and light tiles even out.
   """
-  num_q_tiles: int
+  num_tiles: int
   num_heads: int
   batch: int
   num_ctas: int
+  last_first: bool = True
 
   @classmethod
-  def make(cls, costs, num_heads: int, batch: int, *,
-           persistent: bool) -> "QueryTiles":
-    """costs[i]: the key blocks query tile i visits (its work)."""
-    num_q = len(costs)
-    one_per_tile = cls.one_per_tile(num_q, num_heads, batch)
+  def make(cls, costs, num_heads: int, batch: int, *, persistent: bool,
+           last_first: bool = True) -> "Tiles":
+    """costs[i]: the blocks tile i visits (its work)."""
+    num = len(costs)
+    one_per_tile = cls.one_per_tile(num, num_heads, batch,
+                                    last_first=last_first)
     if not persistent or one_per_tile.total <= num_sms():
       return one_per_tile
-    if (max(costs) > min(costs)
-        and sum(costs) > MAX_MEAN_COST_VARIED * num_q):
+    if max(costs) > min(costs) and sum(costs) > MAX_MEAN_COST_VARIED * num:
       return one_per_tile
-    tiles = cls(num_q, num_heads, batch, num_sms())
+    tiles = cls(num, num_heads, batch, num_sms(), last_first)
     work = tiles.work_per_cta(costs)
     balanced = max(work) <= MAX_IMBALANCE * sum(work) / len(work)
     return tiles if balanced else one_per_tile
 
   @classmethod
-  def one_per_tile(cls, num_q_tiles: int, num_heads: int,
-                   batch: int) -> "QueryTiles":
-    return cls(num_q_tiles, num_heads, batch,
-               num_q_tiles * num_heads * batch)
+  def one_per_tile(cls, num_tiles: int, num_heads: int, batch: int, *,
+                   last_first: bool = True) -> "Tiles":
+    return cls(num_tiles, num_heads, batch, num_tiles * num_heads * batch,
+               last_first)
 
   @property
   def total(self) -> int:
-    return self.num_q_tiles * self.num_heads * self.batch
+    return self.num_tiles * self.num_heads * self.batch
+
+  @property
+  def persistent(self) -> bool:
+    """Whether some CTA runs more than one tile."""
+    return self.num_ctas < self.total
+
+  def _tile(self, index_in_head):
+    """The tile at a position within its head's run (ints or int32)."""
+    if self.last_first:
+      return self.num_tiles - 1 - index_in_head
+    return index_in_head
 
   def work_per_cta(self, costs) -> list:
     """The summed costs of each CTA's tiles (Python ints, for planning)."""
@@ -164,7 +185,7 @@ class QueryTiles:
     for flat in range(self.total):
       wave, pos = divmod(flat, self.num_ctas)
       cta = pos if wave % 2 == 0 else self.num_ctas - 1 - pos
-      work[cta] += costs[self.num_q_tiles - 1 - flat % self.num_q_tiles]
+      work[cta] += costs[self._tile(flat % self.num_tiles)]
     return work
 
   def _position(self, cta, wave):
@@ -178,15 +199,15 @@ class QueryTiles:
     return full + (self._position(cta, _i32(full)) < rest).astype(jnp.int32)
 
   def at(self, cta, t):
-    """(q_tile, head, batch) of CTA `cta`'s local tile t (int32 scalars)."""
+    """(tile, head, batch) of CTA `cta`'s local tile t (int32 scalars)."""
     flat = t * self.num_ctas + self._position(cta, t)
-    head_batch = lax.div(flat, _i32(self.num_q_tiles))
-    return (self.num_q_tiles - 1 - lax.rem(flat, _i32(self.num_q_tiles)),
+    head_batch = lax.div(flat, _i32(self.num_tiles))
+    return (self._tile(lax.rem(flat, _i32(self.num_tiles))),
             lax.rem(head_batch, _i32(self.num_heads)),
             lax.div(head_batch, _i32(self.num_heads)))
 
   def loop(self, body, carry):
-    """carry = body(t, (q_tile, head, batch), carry) over this CTA's tiles
+    """carry = body(t, (tile, head, batch), carry) over this CTA's tiles
     (inside a kernel with grid axis "cta")."""
     cta = lax.axis_index("cta")
     return lax.fori_loop(0, self.count(cta),
@@ -304,6 +325,31 @@ def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
     plgpu.copy_gmem_to_smem(src, dst(name), barrier)
 
 
+def operand_slot(t, num_tiles, slots: int, load, ready):
+  """The slot of a consumer's own operands of local tile t (the forward's
+  Q; the dK/dV kernel's K and V), which also stages the tile's outputs for
+  their TMA store: so refilling a slot first waits until those stores have
+  read it. With one slot, tile t's operands load here; with two, the
+  returned `prefetch()` loads tile t + 1's into the other slot (issue it
+  once, under one of this tile's wgmmas). `load(t, slot)` issues the copies
+  completing on barrier `ready(slot)`, which is awaited here.
+
+  Returns (slot, prefetch), prefetch None with one slot."""
+  slot = lax.rem(t, _i32(slots))
+
+  def prefetch():
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    if slots == 1:
+      load(t, 0)
+    else:
+      pl.when(t + 1 < num_tiles)(lambda: load(t + 1, 1 - slot))
+
+  if slots == 1:
+    prefetch()
+  plgpu.barrier_wait(ready(slot))
+  return slot, (prefetch if slots > 1 else None)
+
+
 def slot_of(i, stages: int):
   """The ring slot of pipeline step i (an int32 scalar)."""
   return lax.rem(i, jnp.asarray(stages, i.dtype))
@@ -360,11 +406,14 @@ def visit_runs(bounds, loops: dict, step, carry, *, reverse: bool = False):
   return carry
 
 
-def matmul_t(a, b, shape):
+def matmul_t(a, b, shape, during=None):
   """a @ b^T as a float32 array in the wgmma layout; a, b in shared memory
-  (or a in registers), shape = (rows of a, rows of b)."""
+  (or a in registers), shape = (rows of a, rows of b). `during()`, if
+  given, is issued while the wgmma runs."""
   def body(acc_ref):
     plgpu.wgmma(acc_ref, a, b.T)
+    if during is not None:
+      during()
     return acc_ref[...]
   return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
 
@@ -387,7 +436,7 @@ def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
 
 
 def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
-                stages: int, group: int, tiles: QueryTiles):
+                stages: int, group: int, tiles: Tiles):
   """The TMA warpgroup of the query-major kernels (forward, dQ): K (with the
   key segment ids) and V of every key block each of the CTA's tiles visits,
   in order, into the ring of `kv_ring_scratch`; the ring runs on across
@@ -451,11 +500,11 @@ def query_tile_costs(mask: MaskRule, num_q_tiles: int,
 
 
 def query_major_kernel(args, names, consumer, *, mask: MaskRule,
-                       blocks: MosaicBlocks, group: int, tiles: QueryTiles):
+                       blocks: MosaicBlocks, group: int, tiles: Tiles):
   """The body of a kernel parallel over query tiles (forward, dQ), grid
   (tiles.num_ctas,) named "cta": the consumers run
   consumer(wg, refs, scratch, tiles=tiles), each looping over the CTA's
-  tiles (`QueryTiles.loop`), and the producer streams K and V
+  tiles (`Tiles.loop`), and the producer streams K and V
   (`kv_producer`). `names`: the refs in order."""
   refs, scratch = named_refs(args, names)
   warp_specialize(

@@ -16,7 +16,8 @@ import pytest
 
 import fa2_jax
 from fa2_jax import backends
-from pallas_kernels import mosaic_tiles
+from pallas_kernels import mosaic_backward, mosaic_tiles
+from pallas_kernels.mask import MaskRule
 from tests import numerics
 from tests.test_numerics import SHAPES, check_against_reference
 from tests.test_variants import CASES, lengths, packed_ids
@@ -89,22 +90,25 @@ def test_combined_variants(hopper):
                             implementation="mosaic")
 
 
+@pytest.mark.parametrize("last_first", [True, False])
 @pytest.mark.parametrize("grid", [(5, 3, 2, 7), (4, 2, 1, 8), (3, 1, 1, 3),
                                   (128, 16, 1, 132), (8, 16, 16, 132)])
-def test_persistent_schedule(grid):
-  """Every (query tile, head, batch) runs exactly once, each CTA's tiles of
-  a head heaviest first; `work_per_cta` agrees with the kernel's walk."""
-  tiles = mosaic_tiles.QueryTiles(*grid)
-  costs = [q + 1 for q in range(tiles.num_q_tiles)]  # causal
+def test_persistent_schedule(grid, last_first):
+  """Every (tile, head, batch) runs exactly once, each CTA's tiles of a head
+  heaviest first (causal: the last query tile, the first key tile);
+  `work_per_cta` agrees with the kernel's walk."""
+  tiles = mosaic_tiles.Tiles(*grid, last_first=last_first)
+  n = tiles.num_tiles
+  costs = [i + 1 if last_first else n - i for i in range(n)]  # causal
   seen, work = [], []
   for cta in range(tiles.num_ctas):
     mine = [tuple(int(x) for x in tiles.at(jnp.int32(cta), jnp.int32(t)))
             for t in range(int(tiles.count(jnp.int32(cta))))]
     for head_batch in set((h, b) for _, h, b in mine):
-      qs = [q for q, h, b in mine if (h, b) == head_batch]
-      assert qs == sorted(qs, reverse=True)
+      mine_costs = [costs[i] for i, h, b in mine if (h, b) == head_batch]
+      assert mine_costs == sorted(mine_costs, reverse=True)
     seen += mine
-    work.append(sum(costs[q] for q, _, _ in mine))
+    work.append(sum(costs[i] for i, _, _ in mine))
   assert sorted(seen) == sorted(itertools.product(*map(range, grid[:3])))
   assert work == tiles.work_per_cta(costs)
 
@@ -120,17 +124,28 @@ def test_persistent_schedule(grid):
 ])
 def test_persistent_when_balanced(costs, heads, persistent, monkeypatch):
   monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 132)
-  tiles = mosaic_tiles.QueryTiles.make(costs, heads, 1, persistent=True)
-  assert (tiles.num_ctas < tiles.total) == persistent
+  tiles = mosaic_tiles.Tiles.make(costs, heads, 1, persistent=True)
+  assert tiles.persistent == persistent
   if persistent:
     work = tiles.work_per_cta(costs)
     assert max(work) <= mosaic_tiles.MAX_IMBALANCE * np.mean(work)
 
 
+def test_key_tiles_heaviest_first():
+  """The dK/dV kernel's tiles in ascending order are heaviest first under a
+  causal mask (`Tiles(last_first=False)`), and its plan counts every step:
+  a key tile of 128 keys meets each 64-row query block at or after it,
+  for each of the group's 2 heads."""
+  rule = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=True)
+  costs = mosaic_backward._key_tile_costs(
+      rule, 8, mosaic_tiles.MosaicBlocks(), group=2)
+  assert costs == [2 * (16 - 2 * i) for i in range(8)]
+
+
 @pytest.fixture
 def few_sms(monkeypatch):
-  """The persistent forward on 3 CTAs, so that each runs several tiles
-  (balanced or not)."""
+  """The persistent forward and dK/dV kernels on 3 CTAs, so that each runs
+  several tiles (balanced or not)."""
   monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 3)
   monkeypatch.setattr(mosaic_tiles, "MAX_IMBALANCE", float("inf"))
   monkeypatch.setattr(mosaic_tiles, "MAX_MEAN_COST_VARIED", 10**9)
@@ -143,8 +158,9 @@ def few_sms(monkeypatch):
                                   "packed-causal", "lengths-causal",
                                   "soft_cap-causal-window"])
 def test_persistent_variants(name, hopper, few_sms):
-  """Tiles with no key block, bands, segments: the ring and the Q slots
-  run on across a CTA's tiles."""
+  """Tiles with no key (query) block, bands, segments: the rings, the Q
+  slots of the forward and the K/V slots of dK/dV run on across a CTA's
+  tiles."""
   shape, mask_fn = CASES[name]
   check_against_reference(shape, jnp.bfloat16, False, mask_fn=mask_fn,
                           seed=14, implementation="mosaic")
