@@ -33,6 +33,8 @@ def main():
   parser.add_argument("--output", default=None)
   parser.add_argument("--bwd-only", action="store_true",
                       help="only the backward candidates")
+  parser.add_argument("--fwd-only", action="store_true",
+                      help="only the forward candidates")
   args = parser.parse_args()
   rows = []
   for seq in map(int, args.seq_lens.split(",")):
@@ -43,8 +45,8 @@ def main():
           ("fwd", dataclasses.replace(base, block_q=a, block_k=b, stages=c,
                                       persistent=d))
           for a, b, c, d in FWD]
-      cands += [("fwd+bwd", dataclasses.replace(
-          base, block_q_dkv=a, block_k_dkv=b, block_k=c, stages=d,
+      cands += [] if args.fwd_only else [("fwd+bwd", dataclasses.replace(
+          base, block_q_dkv=a, block_k_dkv=b, block_k_dq=c, stages=d,
           fused_dq=e)) for a, b, c, d, e in BWD]
       for causal in (False, True):
         for pass_, blocks in cands:
@@ -65,7 +67,7 @@ def main():
           b = row["blocks"]
           print(f"{seq:6d} h{hd} {'causal' if causal else 'full  '} "
                 f"{pass_:8s} q{b['block_q']} k{b['block_k']} "
-                f"dkv{b['block_q_dkv']}x{b['block_k_dkv']} s{b['stages']}"
+                f"dq-k{b['block_k_dq']} dkv{b['block_q_dkv']}x{b['block_k_dkv']} s{b['stages']}"
                 f"{' fused' if b['fused_dq'] else ''}"
                 f"{'' if b['persistent'] else ' per-tile'}: "
                 f"{row.get('tflops', 0):6.1f} {row.get('error', '')}",

@@ -25,6 +25,7 @@ a fixed order.
 The LSE comes in as base 2 (`scores.lse_log2`: +inf for rows that see no
 key and for padded rows, so their P is 0).
 """
+import dataclasses
 import functools
 import math
 
@@ -515,10 +516,12 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   group = num_heads // num_kv_heads
   hp = mt.padded_head_dim(head_dim)
   # One padded length serves both kernels' query and key tiles.
+  # The dQ kernel is query-major like the forward, with its own key tiles.
+  dq_blocks = dataclasses.replace(blocks, block_k=blocks.block_k_dq)
   tp = mt.round_up(seq_len_q, math.lcm(mt.CONSUMERS * blocks.block_q,
                                        blocks.block_q_dkv))
   sp = mt.round_up(seq_len_k, math.lcm(mt.CONSUMERS * blocks.block_k_dkv,
-                                       blocks.block_k))
+                                       blocks.block_k_dq))
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
             mt.pad_tokens(v, sp, hp), mt.pad_tokens(do, tp, hp),
             mt.pad_axis(lse_log2(lse), 2, tp, jnp.inf),
@@ -557,10 +560,10 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
     tiles = mt.Tiles.one_per_tile(
         tp // (mt.CONSUMERS * blocks.block_q), num_heads, batch)
     dq = plgpu.kernel(
-        functools.partial(_dq_kernel, mask=mask, score=score, blocks=blocks,
-                          group=group, tiles=tiles),
+        functools.partial(_dq_kernel, mask=mask, score=score,
+                          blocks=dq_blocks, group=group, tiles=tiles),
         out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
-        scratch_types=[_dq_scratch(mask, blocks, hp, q.dtype)],
+        scratch_types=[_dq_scratch(mask, dq_blocks, hp, q.dtype)],
         grid=(tiles.num_ctas,), grid_names=("cta",), **common)(*inputs)
   return (dq[:, :seq_len_q, :, :head_dim], dk[:, :seq_len_k, :, :head_dim],
           dv[:, :seq_len_k, :, :head_dim])

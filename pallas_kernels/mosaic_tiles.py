@@ -38,7 +38,8 @@ class MosaicBlocks:
 
   block_q: query rows per consumer warpgroup in the forward and dQ kernels
     (a CTA holds CONSUMERS * block_q rows).
-  block_k: keys per pipeline step in the forward and dQ kernels.
+  block_k: keys per pipeline step in the forward.
+  block_k_dq: keys per pipeline step in the dQ kernel.
   block_q_dkv, block_k_dkv: the dK/dV kernel streams [block_q_dkv, H] tiles
     of Q and dO past CONSUMERS * block_k_dkv resident keys.
   stages: depth of the shared-memory ring of every kernel.
@@ -58,6 +59,7 @@ class MosaicBlocks:
   """
   block_q: int = 64
   block_k: int = 128
+  block_k_dq: int = 128
   block_q_dkv: int = 64
   block_k_dkv: int = 64
   stages: int = 2
@@ -65,7 +67,8 @@ class MosaicBlocks:
   persistent: bool = True
 
   def __post_init__(self):
-    for field in ("block_q", "block_k", "block_q_dkv", "block_k_dkv"):
+    for field in ("block_q", "block_k", "block_k_dq", "block_q_dkv",
+                  "block_k_dkv"):
       value = getattr(self, field)
       if not isinstance(value, int) or value <= 0 or value % 64:
         raise ValueError(f"MosaicBlocks.{field} must be a positive multiple "
@@ -79,15 +82,20 @@ class MosaicBlocks:
                          f"{getattr(self, field)!r}")
 
 
-def default_mosaic_blocks(head_dim: int) -> MosaicBlocks:
-  """The Hopper tiles for a head_dim (swept at 16k on an H100,
+def default_mosaic_blocks(head_dim: int, *,
+                          masked: bool = True) -> MosaicBlocks:
+  """The Hopper tiles for a head_dim (swept on an H100,
   benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
-  shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV."""
+  shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV
+  and, where no mask cuts blocks (`masked=False`: no causal mask, window or
+  segment ids), 256-key forward tiles (+3-4% at 1k-16k; a causal diagonal
+  wastes more of them: 1k causal 268 vs 303 TFLOP/s; benchmarks/NOTES.md
+  item 18)."""
   if head_dim > 128:
-    return MosaicBlocks(block_q=64, block_k=64, block_q_dkv=64,
-                        block_k_dkv=64, stages=2)
+    return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
+                        block_q_dkv=64, block_k_dkv=64, stages=2)
   if head_dim <= 64:
-    return MosaicBlocks(block_q_dkv=128)
+    return MosaicBlocks(block_q_dkv=128, block_k=128 if masked else 256)
   return MosaicBlocks()
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fa2_jax
+from fa2_jax import attention, rules, validation
 from tests import numerics
 
 
@@ -224,6 +225,8 @@ def test_narrow_windows_take_small_tiles():
      "got 48"),
     ("block_k_dkv", 0, "MosaicBlocks.block_k_dkv must be a positive multiple"),
     ("block_k", 128.0, "MosaicBlocks.block_k must be a positive multiple"),
+    ("block_k_dq", 96, "MosaicBlocks.block_k_dq must be a positive multiple "
+     "of 64, got 96"),
     ("stages", 5, r"MosaicBlocks.stages must be an int in \[2, 4\], got 5"),
     ("stages", 1, r"MosaicBlocks.stages must be an int in \[2, 4\], got 1"),
     ("fused_dq", 1, "MosaicBlocks.fused_dq must be a bool, got 1"),
@@ -235,3 +238,21 @@ def test_mosaic_blocks_validation(field, value, message):
     fa2_jax.MosaicBlocks(**{field: value})
   hash(fa2_jax.MosaicBlocks())  # usable as a static argument
   assert fa2_jax.default_mosaic_blocks(256).block_k == 64
+
+
+@pytest.mark.parametrize("kwargs,block_k", [
+    (dict(), 256),
+    (dict(is_causal=True), 128),
+    (dict(local_window_size=(100, 100)), 128),
+    (dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32)), 128),
+])
+def test_default_mosaic_key_tiles(kwargs, block_k):
+  """head_dim 64 takes 256-key forward tiles where no mask cuts blocks; the
+  dQ kernel keeps 128 keys (two [64, 256] float32 tiles would not fit its
+  registers)."""
+  x = jnp.zeros((1, 8, 2, 64))
+  r = rules.build_rules(validation.check_qkv(x, x, x), **kwargs)
+  config = attention.kernel_config(r.mask, r.score, r.dropout, "mosaic",
+                                   False, 64, jnp.bfloat16)
+  assert config.mosaic_blocks.block_k == block_k
+  assert config.mosaic_blocks.block_k_dq == 128

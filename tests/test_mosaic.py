@@ -28,8 +28,11 @@ MOSAIC_CASES = [
     "window-int-bottom_right", "lengths", "lengths-causal", "packed-causal",
     "segments-unsorted-cross", "soft_cap", "soft_cap-causal-window"]
 SMALL_MOSAIC_TILES = fa2_jax.MosaicBlocks(block_q=64, block_k=64,
-                                          block_q_dkv=64, block_k_dkv=64,
-                                          stages=3)
+                                          block_k_dq=64, block_q_dkv=64,
+                                          block_k_dkv=64, stages=3)
+# head_dim 64's forward tiles where no mask cuts blocks, here also under
+# masks (explicit block_sizes may ask for them anywhere).
+WIDE_KEY_TILES = fa2_jax.MosaicBlocks(block_k=256, block_q_dkv=128)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,24 @@ def test_small_tiles(name, hopper):
   check_against_reference(shape, jnp.bfloat16, False,
                           block_sizes=SMALL_MOSAIC_TILES, mask_fn=mask_fn,
                           seed=11, implementation="mosaic")
+
+
+@pytest.mark.parametrize("shape,mask_name", [
+    ((1, 1000, 777, 4, 2, 64, False), None),
+    ((2, 300, 260, 4, 2, 64, True), None),
+    (None, "window-2sided"),
+    (None, "packed-causal"),
+])
+def test_wide_key_tiles(shape, mask_name, hopper):
+  """256-key forward tiles: partial last tiles, the diagonal, a band and
+  segments cutting them."""
+  mask_fn = None
+  if mask_name is not None:
+    shape, mask_fn = CASES[mask_name]
+    shape = (*shape[:5], 64, *shape[6:])
+  check_against_reference(shape, jnp.bfloat16, False,
+                          block_sizes=WIDE_KEY_TILES, mask_fn=mask_fn,
+                          seed=15, implementation="mosaic")
 
 
 def test_combined_variants(hopper):
