@@ -103,6 +103,12 @@ class MaskRule:
     return max(0, self.window_left + right + 1)
 
   @property
+  def cuts_blocks(self) -> bool:
+    """Whether a block can be partly visible (positions, segments or a mask
+    array): where wider key tiles waste work on the cut ones."""
+    return self.has_position_mask or not self.dense_blocks
+
+  @property
   def has_position_mask(self) -> bool:
     return (self.is_causal or self.window_left is not None
             or self.window_right is not None)

@@ -95,8 +95,11 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
   cta = lax.axis_index("cta")
   num_tiles = tiles.count(cta)
 
-  def keys_of(k_tile):  # this consumer's keys of a tile
-    return pl.ds(k_tile * (mt.CONSUMERS * bk) + wg * bk, bk)
+  def first_key(k_tile):  # this consumer's first key of a tile
+    return k_tile * (mt.CONSUMERS * bk) + wg * bk
+
+  def keys_of(k_tile):
+    return pl.ds(first_key(k_tile), bk)
 
   def load_kv(t, slot):  # K and V (and key segment ids) of local tile t
     k_tile, kv_head, batch = tiles.at(cta, t)
@@ -109,7 +112,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
     k_tile, kv_head, batch = coords
     bounds = mask.query_blocks(k_tile, bq, mt.CONSUMERS * bk)
     num_q = bounds[3] - bounds[0]
-    key0 = k_tile * (mt.CONSUMERS * bk) + wg * bk
+    key0 = first_key(k_tile)
     # dK and dV are staged in the K and V slot.
     kv_slot, next_kv = mt.operand_slot(
         t, num_tiles, kv_slots, load_kv,
@@ -349,12 +352,11 @@ def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
                     blocks: mt.MosaicBlocks, group: int) -> list:
   """The steps (query blocks, over the group's heads) of each key tile of
   the dK/dV kernel (Python ints)."""
-  costs = []
-  for i in range(num_k_tiles):
-    start, _, _, end = mask.query_blocks(i, blocks.block_q_dkv,
-                                         mt.CONSUMERS * blocks.block_k_dkv)
-    costs.append(group * max(end - start, 0))
-  return costs
+  costs = mt.tile_costs(
+      lambda i: mask.query_blocks(i, blocks.block_q_dkv,
+                                  mt.CONSUMERS * blocks.block_k_dkv),
+      num_k_tiles)
+  return [group * c for c in costs]
 
 
 def _fits_two_kv_slots(blocks: mt.MosaicBlocks, head_dim: int,

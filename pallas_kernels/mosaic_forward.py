@@ -212,8 +212,9 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
             mt.pad_tokens(v, sp, hp), *mt.pad_segments(segments, tp, sp))
   tiles = mt.Tiles.make(
-      mt.query_tile_costs(mask, tp // rows_per_cta, blocks), num_heads,
-      batch,
+      mt.tile_costs(lambda i: mask.key_blocks(i, rows_per_cta,
+                                              blocks.block_k),
+                    tp // rows_per_cta), num_heads, batch,
       persistent=blocks.persistent and _fits_two_q_slots(blocks, hp, q.dtype))
   # A CTA with several tiles loads the next one's Q during this one.
   q_slots = 2 if tiles.persistent else 1

@@ -154,14 +154,14 @@ class Tiles:
   def make(cls, costs, num_heads: int, batch: int, *, persistent: bool,
            last_first: bool = True) -> "Tiles":
     """costs[i]: the blocks tile i visits (its work)."""
-    num = len(costs)
+    num, sms = len(costs), num_sms()
     one_per_tile = cls.one_per_tile(num, num_heads, batch,
                                     last_first=last_first)
-    if not persistent or one_per_tile.total <= num_sms():
+    if not persistent or one_per_tile.total <= sms:
       return one_per_tile
     if max(costs) > min(costs) and sum(costs) > MAX_MEAN_COST_VARIED * num:
       return one_per_tile
-    tiles = cls(num, num_heads, batch, num_sms(), last_first)
+    tiles = cls(num, num_heads, batch, sms, last_first)
     work = tiles.work_per_cta(costs)
     balanced = max(work) <= MAX_IMBALANCE * sum(work) / len(work)
     return tiles if balanced else one_per_tile
@@ -495,16 +495,11 @@ def warp_specialize(consumer, producer):
     producer()
 
 
-def query_tile_costs(mask: MaskRule, num_q_tiles: int,
-                     blocks: MosaicBlocks) -> list:
-  """The key blocks each query tile of the forward and dQ kernels visits
-  (Python ints; segment ids are not known when tracing: all of them)."""
-  costs = []
-  for i in range(num_q_tiles):
-    start, _, _, end = mask.key_blocks(i, CONSUMERS * blocks.block_q,
-                                       blocks.block_k)
-    costs.append(max(end - start, 0))
-  return costs
+def tile_costs(block_range, num_tiles: int) -> list:
+  """The blocks each of `num_tiles` tiles visits (Python ints), from
+  block_range(i), a `MaskRule.key_blocks` / `query_blocks` range (segment
+  ids are not known when tracing: all of them)."""
+  return [max(r[3] - r[0], 0) for r in map(block_range, range(num_tiles))]
 
 
 def query_major_kernel(args, names, consumer, *, mask: MaskRule,
