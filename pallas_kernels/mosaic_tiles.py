@@ -91,6 +91,8 @@ def default_mosaic_blocks(head_dim: int, *,
   segment ids), 256-key forward tiles (+3-4% at 1k-16k; a causal diagonal
   wastes more of them: 1k causal 268 vs 303 TFLOP/s; benchmarks/NOTES.md
   item 18)."""
+  if not isinstance(masked, bool):
+    raise TypeError(f"masked must be a bool, got {masked!r}")
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
                         block_q_dkv=64, block_k_dkv=64, stages=2)

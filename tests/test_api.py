@@ -256,3 +256,8 @@ def test_default_mosaic_key_tiles(kwargs, block_k):
                                    False, 64, jnp.bfloat16)
   assert config.mosaic_blocks.block_k == block_k
   assert config.mosaic_blocks.block_k_dq == 128
+
+
+def test_default_mosaic_blocks_validation():
+  with pytest.raises(TypeError, match="masked must be a bool, got 1"):
+    fa2_jax.default_mosaic_blocks(64, masked=1)
