@@ -17,10 +17,12 @@ a fixed order.
   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 * Or, with `MosaicBlocks(fused_dq=True)`, dQ inside the dK/dV kernel (FA2's
   5 matmuls instead of 7): the consumers pass dS^T through shared memory,
-  each computes half of the partial dQ = dS K of the CTA's keys, and the
-  producer TMA-adds it into a float32 dQ in global memory. The key tiles
-  that visit a query block add in tile order, counted by a global
-  semaphore per (batch, head, query block): deterministic without atomics.
+  each computes half of the partial dQ = dS K of the CTA's keys, and a
+  warp of the producer (not the one that loads) TMA-adds it into a float32
+  dQ in global memory. The key tiles that visit a query block add in tile
+  order, counted by a global semaphore per (batch, head, query block):
+  deterministic without atomics. The default uses it only at head_dim 64
+  without a mask cutting blocks, on long key tiles (`_dq_split`).
 
 The LSE comes in as base 2 (`scores.lse_log2`: +inf for rows that see no
 key and for padded rows, so their P is 0).
@@ -59,14 +61,26 @@ def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
 # Ring depth of the fused kernel's float32 dQ tiles (consumers -> producer):
 # the TMA add of one runs while the consumers compute the next.
 DQ_STAGES = 2
+# The producer warps of the fused kernel.
+LOAD_WARP, ADD_WARP = 0, 1
 
 
-def _dq_split(blocks: mt.MosaicBlocks, head_dim: int) -> str | None:
+def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
+              mean_steps: float) -> str | None:
   """How the consumers share the fused dQ tile [block_q_dkv, H]: "cols"
   (each computes H / 2 columns), "rows" (block_q_dkv / 2 rows), or None:
-  the separate dQ kernel runs when neither half is a whole 64-wide tile,
-  and at head_dim 256 (the dS and dQ tiles do not fit in shared memory)."""
-  if not blocks.fused_dq or head_dim > 128:
+  the separate dQ kernel runs instead. None where neither half is a whole
+  64-wide tile; at head_dim 256 (dS and dQ do not fit in shared memory);
+  with `fused_dq=False`; and with `fused_dq=None` (the default) except
+  where the fused kernel was measured faster: head_dim 64, no mask cutting
+  blocks, key tiles of more than MAX_PERSISTENT_STEPS steps on average
+  (`mean_steps`; H100, 16k: 456 vs 415 TFLOP/s fwd+bwd, while it is level
+  at 4k and slower at head_dim 128 or causal: benchmarks/NOTES.md
+  item 19)."""
+  if blocks.fused_dq is False or head_dim > 128:
+    return None
+  if blocks.fused_dq is None and (head_dim != 64 or mask.cuts_blocks
+                                  or mean_steps <= MAX_PERSISTENT_STEPS):
     return None
   if head_dim >= 2 * 64:
     return "cols"
@@ -275,8 +289,8 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
 
 def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
                        *, mask, blocks, split, k_tile, batch):
-  """The producer's loop with the fused dQ: the ring's loads and, a round
-  behind, the adds of each step's dQ tile in key-tile order."""
+  """The producer with the fused dQ: one warp loads the ring, another adds
+  each step's dQ tile into global memory in key-tile order."""
   bq, stages = blocks.block_q_dkv, blocks.stages
   bars = scratch["bars"]
 
@@ -290,9 +304,8 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
 
   def add_dq(i):
     """Adds step i's dQ tile into the float32 dQ once the key tiles before
-    ours have (the first stores it). Step i - 1's add is then awaited and
-    signalled: one step of slack, so the TMA's round trip to L2 does not
-    stall the pipeline."""
+    ours have (the first stores it), frees its ring slot as soon as the TMA
+    has read it, and signals the next key tile once the sum has landed."""
     head, q_block = head_and_rows(i)
     sem, rank = semaphore(head, q_block)
     slot = mt.slot_of(i, DQ_STAGES)
@@ -310,20 +323,15 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
     plgpu.commit_smem_to_gmem_group()
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
     plgpu.barrier_arrive(bars["dq_free"].at[slot])
-
-    @pl.when(i > 0)
-    def _():
-      plgpu.wait_smem_to_gmem(1)  # step i - 1's sum is in global memory
-      plgpu.semaphore_signal(semaphore(*head_and_rows(i - 1))[0], 1,
-                             memory_scope="gpu")
-
-  mt.fill_ring(num_steps, stages, load, drain=add_dq)
-
-  @pl.when(num_steps > 0)
-  def _():
     plgpu.wait_smem_to_gmem(0)
-    plgpu.semaphore_signal(semaphore(*head_and_rows(num_steps - 1))[0],
-                           1, memory_scope="gpu")
+    plgpu.semaphore_signal(sem, 1, memory_scope="gpu")
+
+  # Two warps of the producer: one loads the ring, the other adds, so that
+  # no load waits on another CTA's semaphore.
+  @plgpu.warp_map
+  def _(warp):
+    pl.when(warp == LOAD_WARP)(lambda: mt.fill_ring(num_steps, stages, load))
+    pl.when(warp == ADD_WARP)(lambda: pl.loop(0, num_steps)(add_dq))
 
 
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
@@ -532,13 +540,13 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   common = dict(num_threads=mt.CONSUMERS + 1, thread_name="wg",
                 compiler_params=mt.compiler_params())
 
-  split = _dq_split(blocks, hp)
   num_k_tiles = sp // (mt.CONSUMERS * blocks.block_k_dkv)
   num_q_blocks = tp // blocks.block_q_dkv
   dk_dv = [out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
            for x in (k, v)]
   dq_sum = [out_struct((batch, tp, num_heads, hp), jnp.float32, q)]
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
+  split = _dq_split(blocks, hp, mask, sum(key_costs) / num_k_tiles)
   dkdv_tiles = mt.Tiles.make(
       key_costs, num_kv_heads, batch,
       persistent=(blocks.persistent and not split

@@ -45,10 +45,12 @@ class MosaicBlocks:
   stages: depth of the shared-memory ring of every kernel.
   fused_dq: the dK/dV kernel also computes dQ (5 matmuls per tile instead
     of 7 with the separate dQ kernel), adding its partial dQ tiles into a
-    float32 buffer in key-tile order (deterministic). Off by default: on an
-    H100 it is slower so far (benchmarks/NOTES.md item 13). Takes effect
-    where head_dim pads to 128, or to 64 with block_q_dkv >= 128; elsewhere
-    (head_dim > 128, or 64 with 64-row blocks) the separate dQ kernel runs.
+    float32 buffer in key-tile order (deterministic). True: wherever it can
+    (head_dim pads to 128, or to 64 with block_q_dkv >= 128; elsewhere, at
+    head_dim > 128 or 64 with 64-row blocks, the separate dQ kernel runs).
+    None (the default): only where it was measured faster on an H100, at
+    head_dim 64 with no mask cutting blocks and long key tiles
+    (benchmarks/NOTES.md items 13 and 19). False: never.
   persistent: the forward and the dK/dV kernel run one CTA per SM that
     loops over its tiles, loading the next tile's Q (dK/dV: K and V) while
     it finishes the current one. Takes effect where two such slots and the
@@ -63,7 +65,7 @@ class MosaicBlocks:
   block_q_dkv: int = 64
   block_k_dkv: int = 64
   stages: int = 2
-  fused_dq: bool = False
+  fused_dq: bool | None = None
   persistent: bool = True
 
   def __post_init__(self):
@@ -76,10 +78,12 @@ class MosaicBlocks:
     if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
       raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
                        f"{self.stages!r}")
-    for field in ("fused_dq", "persistent"):
-      if not isinstance(getattr(self, field), bool):
-        raise ValueError(f"MosaicBlocks.{field} must be a bool, got "
-                         f"{getattr(self, field)!r}")
+    if not isinstance(self.persistent, bool):
+      raise ValueError(f"MosaicBlocks.persistent must be a bool, got "
+                       f"{self.persistent!r}")
+    if self.fused_dq is not None and not isinstance(self.fused_dq, bool):
+      raise ValueError(f"MosaicBlocks.fused_dq must be a bool or None, got "
+                       f"{self.fused_dq!r}")
 
 
 def default_mosaic_blocks(head_dim: int, *,

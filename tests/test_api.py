@@ -229,7 +229,7 @@ def test_narrow_windows_take_small_tiles():
      "of 64, got 96"),
     ("stages", 5, r"MosaicBlocks.stages must be an int in \[2, 4\], got 5"),
     ("stages", 1, r"MosaicBlocks.stages must be an int in \[2, 4\], got 1"),
-    ("fused_dq", 1, "MosaicBlocks.fused_dq must be a bool, got 1"),
+    ("fused_dq", 1, "MosaicBlocks.fused_dq must be a bool or None, got 1"),
     ("persistent", "yes",
      "MosaicBlocks.persistent must be a bool, got 'yes'"),
 ])

@@ -221,6 +221,24 @@ def test_fused_dq_variants(name, hopper):
                           implementation="mosaic")
 
 
+@pytest.mark.parametrize("fused_dq,head_dim,causal,mean_steps,split", [
+    (None, 64, False, 128, "rows"),  # the one case measured faster fused
+    (None, 64, False, 64, None),  # short key tiles: two persistent kernels
+    (None, 64, True, 128, None),  # a causal mask: slower fused
+    (None, 128, False, 256, None),  # head_dim 128: slower fused
+    (True, 128, True, 8, "cols"),
+    (True, 64, False, 8, "rows"),
+    (False, 64, False, 128, None),
+    (True, 256, False, 128, None),  # dS and dQ do not fit in shared memory
+])
+def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, split):
+  blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
+                               fused_dq=fused_dq)
+  mask = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=causal)
+  assert mosaic_backward._dq_split(blocks, head_dim, mask,
+                                   mean_steps) == split
+
+
 def _fwd_bwd(q, k, v, dout, **kwargs):
   out, vjp = jax.vjp(functools.partial(
       fa2_jax.flash_attention, is_causal=True, implementation="mosaic",
@@ -228,14 +246,16 @@ def _fwd_bwd(q, k, v, dout, **kwargs):
   return (out, *vjp(dout))
 
 
-@pytest.mark.parametrize("fused_dq", [False, True])
-def test_bitwise_repeatable(fused_dq, hopper):
+@pytest.mark.parametrize("fused_dq,head_dim", [(False, 128), (True, 128),
+                                               (True, 64)])
+def test_bitwise_repeatable(fused_dq, head_dim, hopper):
   """Five key tiles add into each dQ block (fused): always in one order."""
   q, k, v, dout, _ = numerics.random_inputs(
-      3, batch=2, seq_q=640, seq_k=640, heads=8, kv_heads=2, head_dim=128,
-      dtype=jnp.bfloat16)
-  run = jax.jit(functools.partial(
-      _fwd_bwd, block_sizes=fa2_jax.MosaicBlocks(fused_dq=fused_dq)))
+      3, batch=2, seq_q=640, seq_k=640, heads=8, kv_heads=2,
+      head_dim=head_dim, dtype=jnp.bfloat16)
+  blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
+                               fused_dq=fused_dq)
+  run = jax.jit(functools.partial(_fwd_bwd, block_sizes=blocks))
   first = run(q, k, v, dout)
   for _ in range(3):
     for a, b in zip(first, run(q, k, v, dout)):
