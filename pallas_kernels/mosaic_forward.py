@@ -11,7 +11,11 @@ loading into a second slot during this one. Each CTA has three warpgroups:
 
 The consumers ping-pong (FlashAttention-3): a shared "schedule" barrier, one
 phase apart, lets one warpgroup's softmax run while the other's matmuls hold
-the tensor cores. Key blocks are visited in the three runs of
+the tensor cores. With `MosaicBlocks.overlap` each consumer also overlaps
+its own work (FA3's intra-warpgroup pipelining): block j's S = Q K^T is
+issued together with block j-1's O += P V, and block j's softmax runs while
+the latter does; the consumers then take turns to issue (two "turn"
+barriers). Key blocks are visited in the three runs of
 `MaskRule.key_blocks`: the blocks every row sees skip the element-wise mask,
 the diagonal / band-edge blocks apply it, the rest are never loaded.
 """
@@ -71,18 +75,10 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     q_seg = (mt.load_vector(scratch["q_seg"].at[q_slot, wg], axis=0)
              if mask.has_segments else None)
 
-    def step(kv_block, carry, *, masked: bool):
-      acc, m_i, l_i = carry
-      slot = mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
-
-      def qk(acc_ref):  # S = Q K^T
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-        if next_q:  # the next tile's Q loads under this tile
-          pl.when(kv_block == start)(next_q)
-        schedule()  # the other consumer's softmax runs during this wgmma
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+    def softmax(s, kv_block, slot, m_i, *, masked: bool):
+      """Online softmax of one block (Algorithm 1, lines 9-10), base 2:
+      (P in float32, the new m, alpha = the rescale of O and l). Frees the
+      block's K slot once the mask has read its segment ids."""
       s, c, _ = score.deferred_log2(s)  # base-2 logits are s * c
       scaled = (lambda x: x) if c is None else (lambda x: x * c)
       if masked:
@@ -92,13 +88,29 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
                                   query_axis=0, q_seg=q_seg, kv_seg=kv_seg)
         s = jnp.where(visible, s, -jnp.inf)
       plgpu.barrier_arrive(bars["k_free"].at[slot])
-
-      # Online softmax (Algorithm 1, lines 9-10), base 2.
       m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
       # A row that has seen no visible key keeps m = -inf: subtract 0 then.
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
       alpha = jnp.exp2(m_i - m_use)
       p = jnp.exp2(scaled(s) - mt.broadcast(m_use, s.shape, 0))
+      return p, m_new, alpha
+
+    def ring_slot(kv_block):
+      return mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
+
+    def step(kv_block, carry, *, masked: bool):
+      acc, m_i, l_i = carry
+      slot = ring_slot(kv_block)
+
+      def qk(acc_ref):  # S = Q K^T
+        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+        if next_q:  # the next tile's Q loads under this tile
+          pl.when(kv_block == start)(next_q)
+        schedule()  # the other consumer's softmax runs during this wgmma
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+      p, m_new, alpha = softmax(s, kv_block, slot, m_i, masked=masked)
       acc = acc * mt.broadcast(alpha, acc.shape, 0)
       l_i = l_i * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
@@ -113,25 +125,84 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
         @pl.when(nxt < end)  # the next K lands while this wgmma runs
         def _():
-          plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(
-              mt.key_ring_step(first, bounds, nxt), stages)])
+          plgpu.barrier_wait(bars["k_ready"].at[ring_slot(nxt)])
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(bars["v_free"].at[slot])
       return acc, m_new, l_i
 
+    def overlapped_step(kv_block, carry, *, masked: bool):
+      """Block kv_block's S = Q K^T issued with the previous block's
+      O += P V (the consumers take turns to issue), and this block's
+      softmax run while the latter does."""
+      acc, m_i, l_i, p16 = carry
+      slot, prev = ring_slot(kv_block), ring_slot(kv_block - 1)
+
+      def body(refs):
+        acc_ref, s_ref, p16_ref, m_ref, l_ref, alpha_ref = refs
+        plgpu.barrier_wait(bars["k_ready"].at[slot])
+        plgpu.barrier_wait(bars["v_ready"].at[prev])
+        plgpu.barrier_wait(bars["turn"].at[wg])
+        plgpu.wgmma(s_ref, q_smem, k_smem.at[slot].T)
+        plgpu.wgmma(acc_ref, p16, v_smem.at[prev])
+        plgpu.barrier_arrive(bars["turn"].at[1 - wg])
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)
+        p, m_ref[...], alpha = softmax(s, kv_block, slot, m_i,
+                                       masked=masked)
+        l_ref[...] = l_i * alpha + p.sum(axis=1)
+        p16_ref[...], alpha_ref[...] = p.astype(dtype), alpha
+
+      acc, _, p16, m_i, l_i, alpha = pl.run_state(body)((
+          plgpu.ACC.init(acc), plgpu.ACC.init(mt.wgmma_zeros((bq, bk))),
+          p16, m_i, l_i, m_i))
+      plgpu.barrier_arrive(bars["v_free"].at[prev])
+      return acc * mt.broadcast(alpha, acc.shape, 0), m_i, l_i, p16
+
     carry = (mt.wgmma_zeros((bq, q_smem.shape[-1])),
              mt.row_vector(-jnp.inf, bq), mt.row_vector(0.0, bq))
 
-    @pl.when(end > start)
-    def _():
-      plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(first, stages)])
+    if blocks.overlap:
+      loops = mask.key_loops()
+      any_masked = loops["leading"] or loops["trailing"]
 
-    pl.when(wg == 1)(schedule)
-    carry = mt.visit_runs(bounds, mask.key_loops(), step, carry)
-    pl.when(wg == 0)(schedule)
-    if next_q:
-      pl.when(end == start)(next_q)  # a tile with no step
+      def first_block():
+        slot = ring_slot(start)
+        plgpu.barrier_wait(bars["k_ready"].at[slot])
+        s = mt.matmul_t(q_smem, k_smem.at[slot], (bq, bk),
+                        during=next_q or None)
+        p, m_i, _ = softmax(s, start, slot, carry[1], masked=any_masked)
+        return p.astype(dtype), m_i, p.sum(axis=1)
+
+      def last_block(acc, p16):
+        slot = ring_slot(end - 1)
+        plgpu.barrier_wait(bars["v_ready"].at[slot])
+        acc = pl.run_state(lambda r: plgpu.wgmma(r, p16, v_smem.at[slot]))(
+            plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(bars["v_free"].at[slot])
+        return acc
+
+      def blocks_of_tile():
+        p16, m_i, l_i = first_block()
+        lo = start + 1
+        rest = (lo, jnp.maximum(bounds[1], lo), jnp.maximum(bounds[2], lo),
+                end)
+        acc, m_i, l_i, p16 = mt.visit_runs(rest, loops, overlapped_step,
+                                           (carry[0], m_i, l_i, p16))
+        return last_block(acc, p16), m_i, l_i
+
+      carry = lax.cond(end > start, blocks_of_tile, lambda: carry)
+      if next_q:
+        pl.when(end == start)(next_q)  # a tile with no step
+    else:
+      @pl.when(end > start)
+      def _():
+        plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(first, stages)])
+
+      pl.when(wg == 1)(schedule)
+      carry = mt.visit_runs(bounds, mask.key_loops(), step, carry)
+      pl.when(wg == 0)(schedule)
+      if next_q:
+        pl.when(end == start)(next_q)  # a tile with no step
 
     # One final rescale (line 12); rows that saw no key output 0, lse -inf.
     # O is staged in this tile's Q slot.
@@ -150,6 +221,8 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
   if q_slots > 1:
     pl.when(num_tiles > 0)(lambda: load_q(0, 0))
+  if blocks.overlap:  # consumer 0 issues first
+    pl.when(wg == 1)(lambda: plgpu.barrier_arrive(bars["turn"].at[0]))
   tiles.loop(tile, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
@@ -184,6 +257,8 @@ def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype,
           q=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
                           num_barriers=q_slots * mt.CONSUMERS),
           schedule=plgpu.Barrier(num_arrivals=mt.CONSUMERS), **ring_bars))
+  if blocks.overlap:
+    scratch["bars"]["turn"] = plgpu.Barrier(num_barriers=mt.CONSUMERS)
   if mask.has_segments:
     scratch["q_seg"] = plgpu.SMEM((q_slots, mt.CONSUMERS, bq), jnp.int32)
   return scratch

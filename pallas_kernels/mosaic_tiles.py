@@ -51,6 +51,12 @@ class MosaicBlocks:
     None (the default): only where it was measured faster on an H100, at
     head_dim 64 with no mask cutting blocks and long key tiles
     (benchmarks/NOTES.md items 13 and 19). False: never.
+  overlap: the forward overlaps each consumer's softmax with its own
+    matmuls (block j's S = Q K^T issued with block j-1's O += P V; FA3's
+    intra-warpgroup pipelining), on top of the ping-pong between the two
+    consumers. Off by default: on an H100 it was level at head_dim 128
+    without a mask, and slower at head_dim 64 and under a causal mask
+    (benchmarks/NOTES.md item 20).
   persistent: the forward and the dK/dV kernel run one CTA per SM that
     loops over its tiles, loading the next tile's Q (dK/dV: K and V) while
     it finishes the current one. Takes effect where two such slots and the
@@ -66,6 +72,7 @@ class MosaicBlocks:
   block_k_dkv: int = 64
   stages: int = 2
   fused_dq: bool | None = None
+  overlap: bool = False
   persistent: bool = True
 
   def __post_init__(self):
@@ -78,9 +85,10 @@ class MosaicBlocks:
     if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
       raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
                        f"{self.stages!r}")
-    if not isinstance(self.persistent, bool):
-      raise ValueError(f"MosaicBlocks.persistent must be a bool, got "
-                       f"{self.persistent!r}")
+    for field in ("overlap", "persistent"):
+      if not isinstance(getattr(self, field), bool):
+        raise ValueError(f"MosaicBlocks.{field} must be a bool, got "
+                         f"{getattr(self, field)!r}")
     if self.fused_dq is not None and not isinstance(self.fused_dq, bool):
       raise ValueError(f"MosaicBlocks.fused_dq must be a bool or None, got "
                        f"{self.fused_dq!r}")

@@ -232,6 +232,7 @@ def test_narrow_windows_take_small_tiles():
     ("fused_dq", 1, "MosaicBlocks.fused_dq must be a bool or None, got 1"),
     ("persistent", "yes",
      "MosaicBlocks.persistent must be a bool, got 'yes'"),
+    ("overlap", None, "MosaicBlocks.overlap must be a bool, got None"),
 ])
 def test_mosaic_blocks_validation(field, value, message):
   with pytest.raises(ValueError, match=message):

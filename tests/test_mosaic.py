@@ -97,6 +97,31 @@ def test_wide_key_tiles(shape, mask_name, hopper):
                           seed=15, implementation="mosaic")
 
 
+@pytest.mark.parametrize("shape,mask_name,block_k", [
+    ((1, 1000, 777, 4, 2, 128, False), None, 128),
+    ((2, 300, 260, 4, 2, 64, True), None, 128),
+    ((1, 130, 150, 2, 2, 256, True), None, 64),
+    ((1, 700, 700, 2, 1, 128, False), None, 64),  # many blocks per tile
+    (None, "window-2sided", 128),
+    (None, "packed-causal", 128),
+    (None, "soft_cap-causal-window", 64),
+    (None, "lengths-causal", 128),
+    # The first 128-row tile sees no key.
+    ((1, 300, 50, 2, 2, 64, True), "bottom_right-T>S", 64),
+])
+def test_overlapped_softmax(shape, mask_name, block_k, hopper):
+  """Each consumer's softmax under its own matmuls (`overlap`): one block,
+  several, masked edges, segments, rows and tiles that see no key."""
+  mask_fn = None
+  if mask_name is not None:
+    case_shape, mask_fn = CASES[mask_name]
+    shape = shape or case_shape
+  blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(shape[5]),
+                               block_k=block_k, overlap=True)
+  check_against_reference(shape, jnp.bfloat16, False, block_sizes=blocks,
+                          mask_fn=mask_fn, seed=17, implementation="mosaic")
+
+
 def test_combined_variants(hopper):
   """Packing, padding, window, soft cap, bottom-right, GQA at once."""
   def mask_fn(b, t, s):
