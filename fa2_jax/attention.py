@@ -144,8 +144,8 @@ def kernel_config(mask, score, dropout, implementation: str, interpret: bool,
   mosaic_tiles = None
   if implementation == "mosaic":
     mosaic_tiles = (block_sizes if isinstance(block_sizes, MosaicBlocks)
-                    else default_mosaic_blocks(head_dim,
-                                               masked=mask.cuts_blocks))
+                    else default_mosaic_blocks(
+                        head_dim, masked=mask.cuts_many_blocks))
   return KernelConfig(mask=mask, score=score, dropout=dropout,
                       block_sizes=triton_tiles, interpret=interpret,
                       backend=implementation, mosaic_blocks=mosaic_tiles)

@@ -63,6 +63,12 @@ def _cdiv_nonneg(a, b: int):
   return _floordiv_nonneg(_max(a, 0) + (b - 1), b)
 
 
+# From this many queries and keys on, a causal mask cuts few enough blocks
+# for 256-key tiles at head_dim 64 (H100: 4k 410 -> 422 TFLOP/s forward,
+# 16k 460 -> 466; 1k 303 -> 268; benchmarks/NOTES.md items 18 and 21).
+LONG_CAUSAL = 4096
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MaskRule:
   """Which (query, key) pairs are visible; hashable, so usable as a static.
@@ -107,6 +113,19 @@ class MaskRule:
     """Whether a block can be partly visible (positions, segments or a mask
     array): where wider key tiles waste work on the cut ones."""
     return self.has_position_mask or not self.dense_blocks
+
+  @property
+  def cuts_many_blocks(self) -> bool:
+    """Whether wide key tiles waste much work on cut blocks: a window,
+    segment ids, a mask array, or a causal mask over fewer than
+    `LONG_CAUSAL` queries or keys (with 128-row query tiles and 256-key
+    blocks, the diagonal is a quarter of the visited blocks at 1k, an
+    eighth at 4k)."""
+    if (self.window_left is not None or self.window_right is not None
+        or not self.dense_blocks):
+      return True
+    return self.is_causal and min(self.seq_len_q,
+                                  self.seq_len_k) < LONG_CAUSAL
 
   @property
   def has_position_mask(self) -> bool:

@@ -99,10 +99,12 @@ def default_mosaic_blocks(head_dim: int, *,
   """The Hopper tiles for a head_dim (swept on an H100,
   benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
   shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV
-  and, where no mask cuts blocks (`masked=False`: no causal mask, window or
-  segment ids), 256-key forward tiles (+3-4% at 1k-16k; a causal diagonal
-  wastes more of them: 1k causal 268 vs 303 TFLOP/s; benchmarks/NOTES.md
-  item 18)."""
+  and, where no mask cuts many blocks (`masked=False`: no window or segment
+  ids, and no causal mask or one over at least 4096 tokens,
+  `MaskRule.cuts_many_blocks`), 256-key forward tiles (+3-4% at 1k-16k
+  without a mask, +1-3% causal from 4k on; a causal diagonal over 1k
+  tokens wastes more of them: 268 vs 303 TFLOP/s; benchmarks/NOTES.md
+  items 18 and 21)."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
   if head_dim > 128:

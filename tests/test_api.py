@@ -241,17 +241,20 @@ def test_mosaic_blocks_validation(field, value, message):
   assert fa2_jax.default_mosaic_blocks(256).block_k == 64
 
 
-@pytest.mark.parametrize("kwargs,block_k", [
-    (dict(), 256),
-    (dict(is_causal=True), 128),
-    (dict(local_window_size=(100, 100)), 128),
-    (dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32)), 128),
+@pytest.mark.parametrize("seq_len,kwargs,block_k", [
+    (8, dict(), 256),
+    (8, dict(is_causal=True), 128),
+    (4095, dict(is_causal=True), 128),
+    (4096, dict(is_causal=True), 256),  # the diagonal is a small share
+    (4096, dict(is_causal=True, local_window_size=(100, 0)), 128),
+    (8, dict(local_window_size=(100, 100)), 128),
+    (8, dict(q_segment_ids=jnp.zeros((1, 8), jnp.int32)), 128),
 ])
-def test_default_mosaic_key_tiles(kwargs, block_k):
-  """head_dim 64 takes 256-key forward tiles where no mask cuts blocks; the
-  dQ kernel keeps 128 keys (two [64, 256] float32 tiles would not fit its
-  registers)."""
-  x = jnp.zeros((1, 8, 2, 64))
+def test_default_mosaic_key_tiles(seq_len, kwargs, block_k):
+  """head_dim 64 takes 256-key forward tiles where no mask cuts many blocks;
+  the dQ kernel keeps 128 keys (two [64, 256] float32 tiles would not fit
+  its registers)."""
+  x = jax.ShapeDtypeStruct((1, seq_len, 2, 64), jnp.float32)
   r = rules.build_rules(validation.check_qkv(x, x, x), **kwargs)
   config = attention.kernel_config(r.mask, r.score, r.dropout, "mosaic",
                                    False, 64, jnp.bfloat16)
