@@ -89,6 +89,16 @@ def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
   return None
 
 
+def _query_blocks(mask: MaskRule, refs, k_tile, batch, block_q: int,
+                  block_k: int, split):
+  """The query blocks that key tile k_tile visits; with segment ids only
+  those that can hold a matching pair, except with the fused dQ, whose
+  add order counts every key tile that a query block's positions see."""
+  bounds = mask.query_blocks(k_tile, block_q, block_k)
+  return mt.narrowed(bounds, None if split else refs.get("seg_range"),
+                     batch, k_tile)
+
+
 def _step_of(g, q_block, *, num_q, end):
   """The pipeline step of (group head g, query block), of num_q query blocks
   ending at `end`. The dK/dV kernel walks its query blocks from last to
@@ -124,7 +134,8 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
 
   def tile(t, coords, first):
     k_tile, kv_head, batch = coords
-    bounds = mask.query_blocks(k_tile, bq, mt.CONSUMERS * bk)
+    bounds = _query_blocks(mask, refs, k_tile, batch, bq, mt.CONSUMERS * bk,
+                           split)
     num_q = bounds[3] - bounds[0]
     key0 = first_key(k_tile)
     # dK and dV are staged in the K and V slot.
@@ -257,7 +268,8 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
 
   def tile(t, coords, first):
     k_tile, kv_head, batch = coords
-    bounds = mask.query_blocks(k_tile, bq, mt.CONSUMERS * blocks.block_k_dkv)
+    bounds = _query_blocks(mask, refs, k_tile, batch, bq,
+                           mt.CONSUMERS * blocks.block_k_dkv, split)
     num_q = bounds[3] - bounds[0]
     divisor = jnp.maximum(num_q, 1)
 
@@ -337,7 +349,7 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
                  num_sems: int, tiles: mt.Tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
-  names += ["q_seg", "kv_seg"] if mask.has_segments else []
+  names += ["q_seg", "kv_seg", "seg_range"] if mask.has_segments else []
   outs = ["dk", "dv"] + (["dq"] if split else [])
   refs, scratch = mt.named_refs(args, names + outs)
   sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
@@ -426,7 +438,8 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
-    bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk)
+    bounds = mt.narrowed(mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk),
+                         refs.get("seg_range"), batch, q_tile)
     row0 = q_tile * (mt.CONSUMERS * bq) + wg * bq
     rows = pl.ds(row0, bq)
     mt.copy_rows(refs, ["q", "do", "lse", "delta"]
@@ -484,7 +497,7 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
 
 def _dq_kernel(*args, mask, score, blocks, group: int, tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
-  names += ["q_seg", "kv_seg"] if mask.has_segments else []
+  names += ["q_seg", "kv_seg", "seg_range"] if mask.has_segments else []
   mt.query_major_kernel(
       args, names + ["dq"],
       functools.partial(_dq_consumer, mask=mask, score=score, blocks=blocks),
@@ -532,11 +545,11 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                                        blocks.block_q_dkv))
   sp = mt.round_up(seq_len_k, math.lcm(mt.CONSUMERS * blocks.block_k_dkv,
                                        blocks.block_k_dq))
+  segments = mt.pad_segments(segments, tp, sp)
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
             mt.pad_tokens(v, sp, hp), mt.pad_tokens(do, tp, hp),
             mt.pad_axis(lse_log2(lse), 2, tp, jnp.inf),
-            mt.pad_axis(delta, 2, tp),
-            *mt.pad_segments(segments, tp, sp))
+            mt.pad_axis(delta, 2, tp), *segments)
   common = dict(num_threads=mt.CONSUMERS + 1, thread_name="wg",
                 compiler_params=mt.compiler_params())
 
@@ -560,7 +573,10 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
       out_type=(*dk_dv, *(dq_sum if split else [])),
       scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype, split,
                                    2 if dkdv_tiles.persistent else 1)],
-      grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(*inputs)
+      grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(
+          *inputs, *mt.segment_ranges(
+              segments, blocks.block_q_dkv, mt.CONSUMERS * blocks.block_k_dkv,
+              query_major=False))
   dk, dv = outs[:2]
   if split:
     dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,
@@ -574,7 +590,10 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                           blocks=dq_blocks, group=group, tiles=tiles),
         out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
         scratch_types=[_dq_scratch(mask, dq_blocks, hp, q.dtype)],
-        grid=(tiles.num_ctas,), grid_names=("cta",), **common)(*inputs)
+        grid=(tiles.num_ctas,), grid_names=("cta",), **common)(
+            *inputs, *mt.segment_ranges(
+                segments, mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,
+                query_major=True))
   return (dq[:, :seq_len_q, :, :head_dim], dk[:, :seq_len_k, :, :head_dim],
           dv[:, :seq_len_k, :, :head_dim])
 

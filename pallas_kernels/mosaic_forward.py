@@ -64,7 +64,8 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
-    bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk)
+    bounds = mt.narrowed(mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk),
+                         refs.get("seg_range"), batch, q_tile)
     start, end = bounds[0], bounds[3]
     row0 = first_row(q_tile)
     # O is staged in the Q slot (and the LSE buffer is reused).
@@ -229,7 +230,8 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
 def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
             group: int, tiles: mt.Tiles):
-  names = ["q", "k", "v"] + (["q_seg", "kv_seg"] if mask.has_segments else [])
+  names = ["q", "k", "v"] + (["q_seg", "kv_seg", "seg_range"]
+                             if mask.has_segments else [])
   mt.query_major_kernel(
       args, names + ["out", "lse"],
       functools.partial(_consumer, mask=mask, score=score, blocks=blocks),
@@ -284,8 +286,11 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   rows_per_cta = mt.CONSUMERS * blocks.block_q
   tp = mt.round_up(seq_len_q, rows_per_cta)
   sp = mt.round_up(seq_len_k, blocks.block_k)
+  segments = mt.pad_segments(segments, tp, sp)
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
-            mt.pad_tokens(v, sp, hp), *mt.pad_segments(segments, tp, sp))
+            mt.pad_tokens(v, sp, hp), *segments,
+            *mt.segment_ranges(segments, rows_per_cta, blocks.block_k,
+                               query_major=True))
   tiles = mt.Tiles.make(
       mt.tile_costs(lambda i: mask.key_blocks(i, rows_per_cta,
                                               blocks.block_k),

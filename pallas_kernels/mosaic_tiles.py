@@ -21,7 +21,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mask import MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT
+from pallas_kernels.mask import (MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT,
+                                 segment_block_ranges)
 
 CONSUMERS = 2    # compute warpgroups per CTA
 HEAD_DIMS = (64, 128, 256)
@@ -277,6 +278,31 @@ def pad_segments(segments, seq_len_q: int, seq_len_k: int):
           pad_axis(kv_seg, 1, seq_len_k, PAD_KEY_SEGMENT))
 
 
+def segment_ranges(padded, block_q: int, block_k: int, *,
+                   query_major: bool):
+  """() without segment ids; else (the [B, tiles, 2] int32 [first, end)
+  block ranges that can hold a matching segment pair,) per query tile of
+  block_q rows over key blocks of block_k (query_major), or per key tile
+  over query blocks: the `seg_range` input that `narrowed` reads."""
+  if not padded:
+    return ()
+  key_range, query_range = segment_block_ranges(*padded, block_q, block_k)
+  return (key_range if query_major else query_range,)
+
+
+def narrowed(bounds, seg_range, batch, tile):
+  """A tile's `MaskRule.key_blocks` / `query_blocks` range (with segment
+  ids all of it is the leading run) narrowed to the blocks that can hold a
+  matching segment pair, read from `seg_range` in global memory; the
+  range itself where seg_range is None."""
+  if seg_range is None:
+    return bounds
+  start, _, _, end = bounds
+  start = jnp.maximum(start, seg_range[batch, tile, 0])
+  end = jnp.maximum(jnp.minimum(end, seg_range[batch, tile, 1]), start)
+  return start, end, end, end
+
+
 def tile_smem(shape, dtype):
   """A shared-memory buffer of [..., rows, cols] tiles as wgmma and TMA
   read them: 8 rows x 128 bytes per tile, 128-byte swizzle."""
@@ -469,7 +495,9 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
-    start, _, _, end = mask.key_blocks(q_tile, CONSUMERS * block_q, block_k)
+    start, _, _, end = narrowed(
+        mask.key_blocks(q_tile, CONSUMERS * block_q, block_k),
+        refs.get("seg_range"), batch, q_tile)
     kv_head = lax.div(head, _i32(group))
 
     def load(i, slot, wait_free):
