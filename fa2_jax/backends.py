@@ -9,8 +9,10 @@ for what "mosaic" lacks or runs slower), "xla" on the CPU. An explicit
 Where "mosaic" is slower or not measured faster (on an H100,
 benchmarks/NOTES.md items 11 and 16): sequences under MOSAIC_MIN_SEQ_LEN
 queries (the persistent forward made it faster from 512 on; shorter ones
-were not measured) and segment ids (the Hopper kernels do not yet skip the
-key blocks of other documents).
+were not measured). Segment ids (and lengths, which become segment ids)
+run there too since the Hopper kernels skip the blocks of other documents
+(item 23: 8 packed documents at 16k, forward 0.42 vs 0.52 ms at head_dim
+128, 0.65 vs 0.69 at 64).
 """
 import jax
 import jax.numpy as jnp
@@ -56,10 +58,9 @@ def mosaic_unsupported(rules, *, dtype, head_dim: int) -> list:
   return missing
 
 
-def mosaic_is_faster(rules, *, seq_len_q: int) -> bool:
+def mosaic_is_faster(seq_len_q: int) -> bool:
   """Whether the Hopper kernels beat the Triton ones on such a call."""
-  has_segments = rules is not None and rules.mask.has_segments
-  return seq_len_q >= MOSAIC_MIN_SEQ_LEN and not has_segments
+  return seq_len_q >= MOSAIC_MIN_SEQ_LEN
 
 
 def resolve(implementation, interpret, *, rules=None, dtype, head_dim: int,
@@ -74,7 +75,7 @@ def resolve(implementation, interpret, *, rules=None, dtype, head_dim: int,
   if implementation is None:
     if interpret or not on_gpu:
       implementation = "triton" if interpret else "xla"
-    elif (is_hopper() and mosaic_is_faster(rules, seq_len_q=seq_len_q)
+    elif (is_hopper() and mosaic_is_faster(seq_len_q)
           and not mosaic_unsupported(rules, dtype=dtype, head_dim=head_dim)):
       implementation = "mosaic"
     else:

@@ -298,10 +298,12 @@ def test_default_picks_mosaic_where_faster(hopper):
   assert "mosaic_gpu" in _lowered(block_sizes=fa2_jax.MosaicBlocks(),
                                   seq_len=128)
   assert "mosaic_gpu" in _lowered(seq_len=512)
-  # Slower there (benchmarks/NOTES.md): short sequences, segment ids.
+  # Slower there (benchmarks/NOTES.md): short sequences.
   assert "mosaic_gpu" not in _lowered(seq_len=256)
+  # Segment ids: the blocks of other documents are skipped (item 23).
   ids = jnp.zeros((1, 2048), jnp.int32)
-  assert "mosaic_gpu" not in _lowered(q_segment_ids=ids)
+  assert "mosaic_gpu" in _lowered(q_segment_ids=ids)
+  assert "mosaic_gpu" in _lowered(key_value_seq_lengths=jnp.array([1500]))
   # Not carried by the Hopper kernels: the Triton ones run a bias.
   assert "mosaic_gpu" not in _lowered(bias=jnp.zeros((2048, 2048)))
   assert "mosaic_gpu" not in _lowered(block_sizes=fa2_jax.BlockSizes())
