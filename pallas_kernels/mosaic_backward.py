@@ -24,8 +24,10 @@ a fixed order.
   deterministic without atomics. The default uses it only at head_dim 64
   without a mask cutting blocks, on long key tiles (`_dq_split`).
 
-The LSE comes in as base 2 (`scores.lse_log2`: +inf for rows that see no
-key and for padded rows, so their P is 0).
+With segment ids, each kernel visits only the blocks that can hold a
+matching pair (`mt.narrowed`; the fused dQ excepted). The LSE comes in as
+base 2 (`scores.lse_log2`: +inf for rows that see no key and for padded
+rows, so their P is 0).
 """
 import dataclasses
 import functools

@@ -17,7 +17,9 @@ issued together with block j-1's O += P V, and block j's softmax runs while
 the latter does; the consumers then take turns to issue (two "turn"
 barriers). Key blocks are visited in the three runs of
 `MaskRule.key_blocks`: the blocks every row sees skip the element-wise mask,
-the diagonal / band-edge blocks apply it, the rest are never loaded.
+the diagonal / band-edge blocks apply it, the rest are never loaded; with
+segment ids, only the blocks that can hold a matching pair are visited
+(`mt.narrowed`).
 """
 import functools
 
