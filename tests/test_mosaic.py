@@ -264,6 +264,43 @@ def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, split):
                                    mean_steps) == split
 
 
+@pytest.mark.parametrize("bounds,seg_range,narrowed", [
+    ((0, 10, 10, 10), (2, 5), (2, 5, 5, 5)),
+    ((3, 8, 8, 8), (1, 4), (3, 4, 4, 4)),
+    ((3, 8, 8, 8), (9, 12), (9, 9, 9, 9)),  # nothing matches: empty
+    ((0, 10, 10, 10), (0, 0), (0, 0, 0, 0)),
+])
+def test_segment_ranges_narrow_tiles(bounds, seg_range, narrowed):
+  """A tile visits the intersection of its position range and the blocks
+  that can hold a matching segment pair; an empty one stays empty."""
+  ranges = jnp.zeros((2, 3, 2), jnp.int32).at[1, 2].set(jnp.array(seg_range))
+  got = mosaic_tiles.narrowed(bounds, ranges, 1, 2)
+  assert [int(x) for x in got] == list(narrowed)
+  assert mosaic_tiles.narrowed(bounds, None, 1, 2) == bounds
+
+
+def test_segment_ranges_cover_every_match():
+  """Per query tile, every key block holding a matching pair lies inside
+  the range that the query-major kernels read (packed, unsorted ids)."""
+  rng = np.random.default_rng(0)
+  q_seg = np.sort(rng.integers(0, 5, (2, 512))).astype(np.int32)
+  kv_seg = q_seg.copy()
+  kv_seg[1] = rng.integers(0, 5, 512)  # unsorted: ranges over-approximate
+  (key_range,) = mosaic_tiles.segment_ranges(
+      (jnp.asarray(q_seg), jnp.asarray(kv_seg)), 128, 64, query_major=True)
+  (query_range,) = mosaic_tiles.segment_ranges(
+      (jnp.asarray(q_seg), jnp.asarray(kv_seg)), 128, 64, query_major=False)
+  for b in range(2):
+    for i in range(4):
+      for j in range(8):
+        meet = np.intersect1d(q_seg[b, i * 128:(i + 1) * 128],
+                              kv_seg[b, j * 64:(j + 1) * 64]).size > 0
+        if meet:
+          assert key_range[b, i, 0] <= j < key_range[b, i, 1]
+          assert query_range[b, j, 0] <= i < query_range[b, j, 1]
+  assert (np.asarray(key_range[0, :, 1] - key_range[0, :, 0]) < 8).any()
+
+
 def _fwd_bwd(q, k, v, dout, **kwargs):
   out, vjp = jax.vjp(functools.partial(
       fa2_jax.flash_attention, is_causal=True, implementation="mosaic",
