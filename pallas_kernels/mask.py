@@ -121,11 +121,11 @@ class MaskRule:
     `LONG_CAUSAL` queries or keys (with 128-row query tiles and 256-key
     blocks, the diagonal is a quarter of the visited blocks at 1k, an
     eighth at 4k)."""
-    if (self.window_left is not None or self.window_right is not None
-        or not self.dense_blocks):
-      return True
-    return self.is_causal and min(self.seq_len_q,
-                                  self.seq_len_k) < LONG_CAUSAL
+    causal_only = self.is_causal and (self.window_left, self.window_right
+                                      ) == (None, None) and self.dense_blocks
+    long_causal = causal_only and min(self.seq_len_q,
+                                      self.seq_len_k) >= LONG_CAUSAL
+    return self.cuts_blocks and not long_causal
 
   @property
   def has_position_mask(self) -> bool:

@@ -121,29 +121,22 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
   cta = lax.axis_index("cta")
   num_tiles = tiles.count(cta)
 
-  def first_key(k_tile):  # this consumer's first key of a tile
-    return k_tile * (mt.CONSUMERS * bk) + wg * bk
-
-  def keys_of(k_tile):
-    return pl.ds(first_key(k_tile), bk)
-
   def load_kv(t, slot):  # K and V (and key segment ids) of local tile t
-    k_tile, kv_head, batch = tiles.at(cta, t)
-    mt.copy_rows(refs, ["k", "v"] + (["kv_seg"] if mask.has_segments else []),
-                 lambda name: scratch[name].at[slot, wg],
-                 bars["kv"].at[slot * mt.CONSUMERS + wg], batch=batch,
-                 rows=keys_of(k_tile), head=kv_head)
+    mt.load_own(refs, scratch,
+                ["k", "v"] + (["kv_seg"] if mask.has_segments else []),
+                bars["kv"], tiles=tiles, cta=cta, t=t, wg=wg, slot=slot,
+                block=bk)
 
   def tile(t, coords, first):
     k_tile, kv_head, batch = coords
     bounds = _query_blocks(mask, refs, k_tile, batch, bq, mt.CONSUMERS * bk,
                            split)
     num_q = bounds[3] - bounds[0]
-    key0 = first_key(k_tile)
+    key0 = mt.own_rows(k_tile, wg, bk)[0]
     # dK and dV are staged in the K and V slot.
     kv_slot, next_kv = mt.operand_slot(
         t, num_tiles, kv_slots, load_kv,
-        lambda slot: bars["kv"].at[slot * mt.CONSUMERS + wg])
+        lambda slot: mt.own_slot(bars["kv"], slot, wg))
     k_smem, v_smem = scratch["k"].at[kv_slot, wg], scratch["v"].at[kv_slot, wg]
     kv_seg = (mt.load_vector(scratch["kv_seg"].at[kv_slot, wg], axis=0)
               if mask.has_segments else None)
@@ -209,7 +202,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
     k_smem[...] = (dk * score.scale).astype(dtype)
     v_smem[...] = dv.astype(dtype)
     plgpu.commit_smem()
-    keys = keys_of(k_tile)
+    keys = mt.own_rows(k_tile, wg, bk)[1]
     plgpu.copy_smem_to_gmem(k_smem, refs["dk"].at[batch, keys, kv_head])
     plgpu.copy_smem_to_gmem(v_smem, refs["dv"].at[batch, keys, kv_head])
     return first + group * num_q
@@ -442,8 +435,7 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
     q_tile, head, batch = coords
     bounds = mt.narrowed(mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk),
                          refs.get("seg_range"), batch, q_tile)
-    row0 = q_tile * (mt.CONSUMERS * bq) + wg * bq
-    rows = pl.ds(row0, bq)
+    row0, rows = mt.own_rows(q_tile, wg, bq)
     mt.copy_rows(refs, ["q", "do", "lse", "delta"]
                  + (["q_seg"] if mask.has_segments else []),
                  lambda name: scratch[name].at[wg], ready, batch=batch,

@@ -47,18 +47,10 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
   cta = lax.axis_index("cta")
   num_tiles = tiles.count(cta)
 
-  def first_row(q_tile):  # this consumer's first row of a tile
-    return q_tile * (mt.CONSUMERS * bq) + wg * bq
-
-  def rows_of(q_tile):
-    return pl.ds(first_row(q_tile), bq)
-
   def load_q(t, slot):  # Q (and its segment ids) of local tile t
-    q_tile, head, batch = tiles.at(cta, t)
-    mt.copy_rows(refs, ["q"] + (["q_seg"] if mask.has_segments else []),
-                 lambda name: scratch[name].at[slot, wg],
-                 bars["q"].at[slot * mt.CONSUMERS + wg], batch=batch,
-                 rows=rows_of(q_tile), head=head)
+    mt.load_own(refs, scratch,
+                ["q"] + (["q_seg"] if mask.has_segments else []), bars["q"],
+                tiles=tiles, cta=cta, t=t, wg=wg, slot=slot, block=bq)
 
   def schedule():  # both consumers meet here, one phase apart
     plgpu.barrier_arrive(bars["schedule"])
@@ -69,11 +61,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     bounds = mt.narrowed(mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk),
                          refs.get("seg_range"), batch, q_tile)
     start, end = bounds[0], bounds[3]
-    row0 = first_row(q_tile)
+    row0 = mt.own_rows(q_tile, wg, bq)[0]
     # O is staged in the Q slot (and the LSE buffer is reused).
     q_slot, next_q = mt.operand_slot(
         t, num_tiles, q_slots, load_q,
-        lambda slot: bars["q"].at[slot * mt.CONSUMERS + wg])
+        lambda slot: mt.own_slot(bars["q"], slot, wg))
     q_smem = scratch["q"].at[q_slot, wg]
     q_seg = (mt.load_vector(scratch["q_seg"].at[q_slot, wg], axis=0)
              if mask.has_segments else None)
@@ -217,7 +209,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     lse_smem[...] = jnp.where(empty, -jnp.inf,
                               (m_i + jnp.log2(l_safe)) * LN2)
     plgpu.commit_smem()
-    rows = rows_of(q_tile)
+    rows = mt.own_rows(q_tile, wg, bq)[1]
     plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
     return first + end - start

@@ -375,6 +375,30 @@ def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
     plgpu.copy_gmem_to_smem(src, dst(name), barrier)
 
 
+def own_rows(tile, wg, block: int):
+  """Consumer wg's share of a tile of CONSUMERS * block rows (or keys):
+  (its first index, its pl.ds)."""
+  first = tile * (CONSUMERS * block) + wg * block
+  return first, pl.ds(first, block)
+
+
+def own_slot(barrier, slot, wg):
+  """Consumer wg's barrier of operand slot `slot` (`operand_slot`)."""
+  return barrier.at[slot * CONSUMERS + wg]
+
+
+def load_own(refs, scratch, names, barrier, *, tiles: "Tiles", cta, t, wg,
+             slot, block: int):
+  """Copies consumer wg's rows of CTA cta's local tile t (`own_rows`) of
+  the named inputs into slot `slot` of their buffers, completing on
+  `own_slot(barrier, slot, wg)`: the forward's Q, the dK/dV kernel's K
+  and V."""
+  tile, head, batch = tiles.at(cta, t)
+  copy_rows(refs, names, lambda name: scratch[name].at[slot, wg],
+            own_slot(barrier, slot, wg), batch=batch,
+            rows=own_rows(tile, wg, block)[1], head=head)
+
+
 def operand_slot(t, num_tiles, slots: int, load, ready):
   """The slot of a consumer's own operands of local tile t (the forward's
   Q; the dK/dV kernel's K and V), which also stages the tile's outputs for
