@@ -20,7 +20,9 @@ The block-range helpers tell a kernel which key blocks a query block visits (and
 the converse for dK/dV) as four bounds `(start, full_start, full_end, end)`:
 blocks in [full_start, full_end) are wholly visible and skip the element-wise
 mask, blocks in [start, full_start) and [full_end, end) need it, the rest are
-skipped. They work on Python ints and traced int32 scalars alike.
+skipped. They work on Python ints and traced int32 scalars alike. Segment ids
+mask every block, unless the caller narrows the position runs by the segment
+runs of `segment_block_ranges` (`segment_runs=True`).
 """
 import dataclasses
 
@@ -132,21 +134,38 @@ class MaskRule:
     return (self.is_causal or self.window_left is not None
             or self.window_right is not None)
 
-  def key_loops(self) -> dict:
+  def key_loops(self, *, segment_runs: bool = False) -> dict:
     """Which of the three key-block loops (see `key_blocks`) can be non-empty.
 
-    With segments, `key_blocks` puts every block in the leading loop; with
-    a mask array the middle (unmasked) loop is empty.
+    With segments, `key_blocks` puts every block in the leading loop (unless
+    `segment_runs`: then all three may hold blocks); with a mask array the
+    middle (unmasked) loop is empty.
     """
+    if self._segment_runs(segment_runs):
+      return self._all_loops()
     return dict(leading=self.window_left is not None or self.has_segments,
                 middle=self.dense_blocks, trailing=not self.has_segments)
 
-  def query_loops(self) -> dict:
-    """Which of the three query-block loops (`query_blocks`) can be non-empty."""
+  def query_loops(self, *, segment_runs: bool = False) -> dict:
+    """Which of the three query-block loops (`query_blocks`) can be
+    non-empty; `segment_runs` as in `key_loops`."""
+    if self._segment_runs(segment_runs):
+      return self._all_loops()
     return dict(leading=self.has_position_mask or self.has_segments,
                 middle=self.dense_blocks,
                 trailing=(self.window_left is not None or self.has_mask_array)
                 and not self.has_segments)
+
+  def _segment_runs(self, segment_runs: bool) -> bool:
+    """Whether the block ranges keep their position runs under segment ids
+    (the caller narrows them to the segment runs of
+    `segment_block_ranges`, as `mosaic_tiles.narrowed` does)."""
+    if not isinstance(segment_runs, bool):
+      raise TypeError(f"segment_runs must be a bool, got {segment_runs!r}")
+    return segment_runs and self.has_segments
+
+  def _all_loops(self) -> dict:
+    return dict(leading=True, middle=not self.has_mask_array, trailing=True)
 
   def visible(self, q_idx, k_idx, q_segment=None, kv_segment=None,
               mask_tile=None):
@@ -189,8 +208,13 @@ class MaskRule:
       lo = _max(lo, lo_pos - self.window_left)
     return lo, hi
 
-  def key_blocks(self, q_block, block_q: int, block_k: int):
-    """Key blocks that query block `q_block` visits (see the module doc)."""
+  def key_blocks(self, q_block, block_q: int, block_k: int, *,
+                 segment_runs: bool = False):
+    """Key blocks that query block `q_block` visits (see the module doc).
+
+    With segment ids every block is masked (the leading run), unless
+    `segment_runs`: then the runs are those of positions alone, for the
+    caller to narrow to the blocks whose segments match wholly."""
     num_k_blocks = -(-self.seq_len_k // block_k)
     first_pos = q_block * block_q + self.offset
     last_pos = first_pos + block_q - 1
@@ -205,10 +229,12 @@ class MaskRule:
     full_lo, full_hi = self._key_range(last_pos, first_pos)
     full_start = _clamp(_cdiv_nonneg(full_lo, block_k), start, end)
     full_end = _clamp(_floordiv_nonneg(full_hi + 1, block_k), full_start, end)
-    return self._masked_runs(start, full_start, full_end, end)
+    return self._masked_runs(start, full_start, full_end, end, segment_runs)
 
-  def query_blocks(self, k_block, block_q: int, block_k: int):
-    """Query blocks that key block `k_block` is seen by (see the module doc).
+  def query_blocks(self, k_block, block_q: int, block_k: int, *,
+                   segment_runs: bool = False):
+    """Query blocks that key block `k_block` is seen by (see the module doc;
+    `segment_runs` as in `key_blocks`).
 
     Keys past S are never stored by the dK/dV kernel, and rows past T carry
     P = 0 there, so neither needs masking: only positions and segments do.
@@ -242,16 +268,15 @@ class MaskRule:
         _cdiv_nonneg(full_lo - self.offset, block_q), start, end)
     full_end = end if full_hi is None else _clamp(
         _floordiv_nonneg(full_hi - self.offset + 1, block_q), full_start, end)
-    return self._masked_runs(start, full_start, full_end, end)
+    return self._masked_runs(start, full_start, full_end, end, segment_runs)
 
-  def _masked_runs(self, start, full_start, full_end, end):
-    """The bounds as `key_loops` / `query_loops` compile them: element-wise
-    rules mask every block; with segment ids all of [start, end) is the
-    leading run (the only one compiled then), otherwise the middle run is
-    empty."""
-    if self.has_segments:
+  def _masked_runs(self, start, full_start, full_end, end, segment_runs):
+    """The bounds as `key_loops` / `query_loops` compile them: with segment
+    ids all of [start, end) is the leading run (the only one compiled then)
+    unless `segment_runs`; with a mask array the middle run is empty."""
+    if self.has_segments and not self._segment_runs(segment_runs):
       return start, end, end, end
-    if not self.dense_blocks:
+    if self.has_mask_array:
       full_end = full_start
     return start, full_start, full_end, end
 
@@ -285,42 +310,62 @@ def lengths_to_segments(q_segment_ids, kv_segment_ids, q_lengths, kv_lengths,
 
 
 def segment_block_ranges(q_seg, kv_seg, block_q: int, block_k: int):
-  """Per-block ranges of blocks that can hold a matching segment pair.
+  """Per-block ranges of blocks that can hold a matching segment pair, and
+  the run inside them where every pair matches.
 
   Block i of queries and block j of keys can match only if their id ranges
   [min, max] intersect. For sorted ids (packed documents) the matching blocks
-  are contiguous, so [first, last + 1) skips all the others; for unsorted ids
+  are contiguous, so [first, end) skips all the others; for unsorted ids
   the range may include blocks that the element-wise mask then discards.
+  The pair matches wholly when both blocks are complete and hold one id,
+  the same: [whole_first, whole_end) is the run of such blocks (empty
+  unless they are contiguous, as for sorted ids), where a kernel may skip
+  the segment comparison.
 
   Args:
     q_seg [B, T], kv_seg [B, S] int32.
   Returns:
-    key_range [B, num_q_blocks, 2] and query_range [B, num_k_blocks, 2] int32:
-    [first, end) block bounds; first == end when nothing matches.
+    key_range [B, num_q_blocks, 4] and query_range [B, num_k_blocks, 4]
+    int32: (first, end, whole_first, whole_end) block bounds; first == end
+    when nothing matches, whole_first == whole_end when no pair is whole.
   """
-  def block_min_max(seg, block):
+  def block_ids(seg, block):
+    """Per block: min id, max id, and whether it holds one id throughout."""
     batch, length = seg.shape
     num = -(-length // block)
     # Pad with a copy of the last id so that padding does not widen the range.
     padded = jnp.pad(seg, ((0, 0), (0, num * block - length)), mode="edge")
     tiles = padded.reshape(batch, num, block)
-    return tiles.min(-1), tiles.max(-1)
+    lo, hi = tiles.min(-1), tiles.max(-1)
+    complete = (jnp.arange(num) + 1) * block <= length
+    return lo, hi, jnp.logical_and(lo == hi, complete)
 
-  q_min, q_max = block_min_max(q_seg, block_q)
-  k_min, k_max = block_min_max(kv_seg, block_k)
-  # [B, nq, nk]: can query block i and key block j match?
+  q_min, q_max, q_one = block_ids(q_seg, block_q)
+  k_min, k_max, k_one = block_ids(kv_seg, block_k)
+  # [B, nq, nk]: can query block i and key block j match, and do they wholly?
   meet = jnp.logical_and(q_min[:, :, None] <= k_max[:, None, :],
                          k_min[:, None, :] <= q_max[:, :, None])
+  whole = (q_one[:, :, None] & k_one[:, None, :]
+           & (q_min[:, :, None] == k_min[:, None, :]))
 
-  def bounds(meet, axis_len):
+  def run(flags, axis_len):
+    """[first, last + 1) of the set flags along the last axis ([0, 0) if
+    none), and whether every flag in between is set."""
     idx = jnp.arange(axis_len, dtype=jnp.int32)
-    any_meet = jnp.any(meet, axis=-1)
-    first = jnp.min(jnp.where(meet, idx, axis_len), axis=-1)
-    last = jnp.max(jnp.where(meet, idx, -1), axis=-1)
-    first = jnp.where(any_meet, first, 0)
-    end = jnp.where(any_meet, last + 1, 0)
-    return jnp.stack([first, end], axis=-1).astype(jnp.int32)
+    any_set = jnp.any(flags, axis=-1)
+    first = jnp.where(any_set, jnp.min(jnp.where(flags, idx, axis_len),
+                                       axis=-1), 0)
+    end = jnp.where(any_set, jnp.max(jnp.where(flags, idx, -1), axis=-1) + 1,
+                    0)
+    return first, end, flags.sum(-1) == end - first
 
-  key_range = bounds(meet, meet.shape[2])
-  query_range = bounds(jnp.swapaxes(meet, 1, 2), meet.shape[1])
+  def bounds(meet, whole):
+    first, end, _ = run(meet, meet.shape[-1])
+    whole_first, whole_end, contiguous = run(whole, whole.shape[-1])
+    whole_end = jnp.where(contiguous, whole_end, whole_first)
+    return jnp.stack([first, end, whole_first, whole_end],
+                     axis=-1).astype(jnp.int32)
+
+  key_range = bounds(meet, whole)
+  query_range = bounds(jnp.swapaxes(meet, 1, 2), jnp.swapaxes(whole, 1, 2))
   return key_range, query_range

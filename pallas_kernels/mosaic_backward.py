@@ -25,7 +25,8 @@ a fixed order.
   without a mask cutting blocks, on long key tiles (`_dq_split`).
 
 With segment ids, each kernel visits only the blocks that can hold a
-matching pair (`mt.narrowed`; the fused dQ excepted). The LSE comes in as
+matching pair, and skips the element-wise mask on those whose queries and
+keys all share one id (`mt.narrowed`; the fused dQ excepted). The LSE comes in as
 base 2 (`scores.lse_log2`: +inf for rows that see no key and for padded
 rows, so their P is 0).
 """
@@ -93,12 +94,12 @@ def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
 
 def _query_blocks(mask: MaskRule, refs, k_tile, batch, block_q: int,
                   block_k: int, split):
-  """The query blocks that key tile k_tile visits; with segment ids only
-  those that can hold a matching pair, except with the fused dQ, whose
-  add order counts every key tile that a query block's positions see."""
-  bounds = mask.query_blocks(k_tile, block_q, block_k)
-  return mt.narrowed(bounds, None if split else refs.get("seg_range"),
-                     batch, k_tile)
+  """(bounds, loops) of the query blocks that key tile k_tile visits
+  (`mt.visited_runs`); with segment ids only those that can hold a
+  matching pair, except with the fused dQ, whose add order counts every
+  key tile that a query block's positions see."""
+  return mt.visited_runs(mask, None if split else refs.get("seg_range"),
+                         batch, k_tile, block_q, block_k, query_major=False)
 
 
 def _step_of(g, q_block, *, num_q, end):
@@ -129,8 +130,8 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
 
   def tile(t, coords, first):
     k_tile, kv_head, batch = coords
-    bounds = _query_blocks(mask, refs, k_tile, batch, bq, mt.CONSUMERS * bk,
-                           split)
+    bounds, loops = _query_blocks(mask, refs, k_tile, batch, bq,
+                                  mt.CONSUMERS * bk, split)
     num_q = bounds[3] - bounds[0]
     key0 = mt.own_rows(k_tile, wg, bk)[0]
     # dK and dV are staged in the K and V slot.
@@ -154,7 +155,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
         prefetch = (lambda: pl.when(i == 0)(next_kv)) if next_kv else None
         s = mt.matmul_t(k_smem, q_smem, (bk, bq), during=prefetch)
         q_seg = (mt.load_vector(scratch["q_seg"].at[slot], axis=1)
-                 if mask.has_segments else None)
+                 if mask.has_segments and masked else None)
         lse2 = mt.load_vector(scratch["lse"].at[slot], axis=1)
         p, t_cap = _probabilities(s, lse2, mask=mask, score=score,
                                   masked=masked, shape=(bk, bq), query_axis=1,
@@ -189,7 +190,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
           _dq_tile(wg, i, scratch, split=split, bq=bq, hp=hp)
         return dk, dv
 
-      return mt.visit_runs(bounds, mask.query_loops(), step, carry,
+      return mt.visit_runs(bounds, loops, step, carry,
                            reverse=True)
 
     zeros = mt.wgmma_zeros((bk, hp))
@@ -264,7 +265,7 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
   def tile(t, coords, first):
     k_tile, kv_head, batch = coords
     bounds = _query_blocks(mask, refs, k_tile, batch, bq,
-                           mt.CONSUMERS * blocks.block_k_dkv, split)
+                           mt.CONSUMERS * blocks.block_k_dkv, split)[0]
     num_q = bounds[3] - bounds[0]
     divisor = jnp.maximum(num_q, 1)
 
@@ -344,7 +345,9 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
                  num_sems: int, tiles: mt.Tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
-  names += ["q_seg", "kv_seg", "seg_range"] if mask.has_segments else []
+  names += ["q_seg", "kv_seg"] if mask.has_segments else []
+  # The fused dQ visits every block of the position range (_query_blocks).
+  names += ["seg_range"] if mask.has_segments and not split else []
   outs = ["dk", "dv"] + (["dq"] if split else [])
   refs, scratch = mt.named_refs(args, names + outs)
   sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
@@ -433,8 +436,9 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
-    bounds = mt.narrowed(mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk),
-                         refs.get("seg_range"), batch, q_tile)
+    bounds, loops = mt.visited_runs(mask, refs.get("seg_range"), batch,
+                                    q_tile, mt.CONSUMERS * bq, bk,
+                                    query_major=True)
     row0, rows = mt.own_rows(q_tile, wg, bq)
     mt.copy_rows(refs, ["q", "do", "lse", "delta"]
                  + (["q_seg"] if mask.has_segments else []),
@@ -476,7 +480,7 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
       plgpu.barrier_arrive(bars["k_free"].at[slot])
       return dq
 
-    dq = mt.visit_runs(bounds, mask.key_loops(), step,
+    dq = mt.visit_runs(bounds, loops, step,
                        mt.wgmma_zeros((bq, q_smem.shape[-1])))
     q_smem[...] = (dq * score.scale).astype(dtype)
     plgpu.commit_smem()
@@ -569,8 +573,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                                    2 if dkdv_tiles.persistent else 1)],
       grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(
           *inputs, *mt.segment_ranges(
-              segments, blocks.block_q_dkv, mt.CONSUMERS * blocks.block_k_dkv,
-              query_major=False))
+              () if split else segments, blocks.block_q_dkv,
+              mt.CONSUMERS * blocks.block_k_dkv, query_major=False))
   dk, dv = outs[:2]
   if split:
     dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,

@@ -18,8 +18,9 @@ the latter does; the consumers then take turns to issue (two "turn"
 barriers). Key blocks are visited in the three runs of
 `MaskRule.key_blocks`: the blocks every row sees skip the element-wise mask,
 the diagonal / band-edge blocks apply it, the rest are never loaded; with
-segment ids, only the blocks that can hold a matching pair are visited
-(`mt.narrowed`).
+segment ids, only the blocks that can hold a matching pair are visited,
+and those whose queries and keys all share one id skip the element-wise
+mask (`mt.narrowed`).
 """
 import functools
 
@@ -58,8 +59,9 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
-    bounds = mt.narrowed(mask.key_blocks(q_tile, mt.CONSUMERS * bq, bk),
-                         refs.get("seg_range"), batch, q_tile)
+    bounds, loops = mt.visited_runs(mask, refs.get("seg_range"), batch,
+                                    q_tile, mt.CONSUMERS * bq, bk,
+                                    query_major=True)
     start, end = bounds[0], bounds[3]
     row0 = mt.own_rows(q_tile, wg, bq)[0]
     # O is staged in the Q slot (and the LSE buffer is reused).
@@ -157,7 +159,6 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
              mt.row_vector(-jnp.inf, bq), mt.row_vector(0.0, bq))
 
     if blocks.overlap:
-      loops = mask.key_loops()
       any_masked = loops["leading"] or loops["trailing"]
 
       def first_block():
@@ -194,7 +195,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
         plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(first, stages)])
 
       pl.when(wg == 1)(schedule)
-      carry = mt.visit_runs(bounds, mask.key_loops(), step, carry)
+      carry = mt.visit_runs(bounds, loops, step, carry)
       pl.when(wg == 0)(schedule)
       if next_q:
         pl.when(end == start)(next_q)  # a tile with no step

@@ -280,10 +280,11 @@ def pad_segments(segments, seq_len_q: int, seq_len_k: int):
 
 def segment_ranges(padded, block_q: int, block_k: int, *,
                    query_major: bool):
-  """() without segment ids; else (the [B, tiles, 2] int32 [first, end)
-  block ranges that can hold a matching segment pair,) per query tile of
-  block_q rows over key blocks of block_k (query_major), or per key tile
-  over query blocks: the `seg_range` input that `narrowed` reads."""
+  """() without segment ids; else (the [B, tiles, 4] int32 block ranges
+  of `segment_block_ranges`: [first, end) can hold a matching segment
+  pair, [whole_first, whole_end) match wholly,) per query tile of block_q
+  rows over key blocks of block_k (query_major), or per key tile over
+  query blocks: the `seg_range` input that `narrowed` reads."""
   if not padded:
     return ()
   key_range, query_range = segment_block_ranges(*padded, block_q, block_k)
@@ -291,16 +292,40 @@ def segment_ranges(padded, block_q: int, block_k: int, *,
 
 
 def narrowed(bounds, seg_range, batch, tile):
-  """A tile's `MaskRule.key_blocks` / `query_blocks` range (with segment
-  ids all of it is the leading run) narrowed to the blocks that can hold a
-  matching segment pair, read from `seg_range` in global memory; the
-  range itself where seg_range is None."""
+  """A tile's `MaskRule.key_blocks` / `query_blocks` runs narrowed by its
+  segment runs, read from `seg_range` (`segment_ranges`) in global memory:
+  visited are the blocks that can hold a matching pair; unmasked (the
+  middle run) only those wholly visible by position and wholly matching by
+  segment. With `segment_runs=True` bounds are the runs of positions alone;
+  with the default (all of the range masked) they stay all masked. The
+  bounds themselves where seg_range is None."""
   if seg_range is None:
     return bounds
-  start, _, _, end = bounds
-  start = jnp.maximum(start, seg_range[batch, tile, 0])
-  end = jnp.maximum(jnp.minimum(end, seg_range[batch, tile, 1]), start)
-  return start, end, end, end
+  start, full_start, full_end, end = bounds
+  first, last_end, whole_first, whole_end = (seg_range[batch, tile, i]
+                                             for i in range(4))
+  start = jnp.maximum(start, first)
+  end = jnp.maximum(jnp.minimum(end, last_end), start)
+  full_start = jnp.clip(jnp.maximum(full_start, whole_first), start, end)
+  full_end = jnp.clip(jnp.minimum(full_end, whole_end), full_start, end)
+  return start, full_start, full_end, end
+
+
+def visited_runs(mask: MaskRule, seg_range, batch, tile, block_q: int,
+                 block_k: int, *, query_major: bool):
+  """(bounds, loops) of the blocks a tile visits, for `visit_runs`:
+  query_major, the key blocks of query tile `tile` of block_q rows (forward,
+  dQ); else the query blocks of key tile `tile` of block_k keys (dK/dV).
+  With `seg_range` (`segment_ranges`), narrowed by the tile's segment runs
+  (`narrowed`); without it, segment ids mask every block."""
+  runs = seg_range is not None
+  if query_major:
+    bounds = mask.key_blocks(tile, block_q, block_k, segment_runs=runs)
+    loops = mask.key_loops(segment_runs=runs)
+  else:
+    bounds = mask.query_blocks(tile, block_q, block_k, segment_runs=runs)
+    loops = mask.query_loops(segment_runs=runs)
+  return narrowed(bounds, seg_range, batch, tile), loops
 
 
 def tile_smem(shape, dtype):
@@ -429,17 +454,14 @@ def slot_of(i, stages: int):
   return lax.rem(i, jnp.asarray(stages, i.dtype))
 
 
-def fill_ring(num_steps, stages: int, load, drain=None, *, first=0):
+def fill_ring(num_steps, stages: int, load, *, first=0):
   """The producer's loop: step i waits until its slot is free (from the
   second round on), then `load(i, slot, wait_free)` issues its copies;
   `wait_free()` must be called before each copy that overwrites a slot.
-  `drain(i)`, if given, runs for every step `stages` iterations after its
-  load (the results of step i are then about ready). `first`: how many
-  steps earlier tiles of the CTA put through the ring (step i uses the slot
-  of ring step first + i)."""
-  assert drain is None or isinstance(first, int) and first == 0
+  `first`: how many steps earlier tiles of the CTA put through the ring
+  (step i uses the slot of ring step first + i)."""
 
-  @pl.loop(0, num_steps + (stages if drain else 0))
+  @pl.loop(0, num_steps)
   def _(i):
     slot = slot_of(first + i, stages)
 
@@ -448,14 +470,7 @@ def fill_ring(num_steps, stages: int, load, drain=None, *, first=0):
       def _():
         plgpu.barrier_wait(barrier.at[slot])
 
-    @pl.when(i < num_steps)
-    def _():
-      load(i, slot, wait_free)
-
-    if drain is not None:
-      @pl.when(i >= stages)
-      def _():
-        drain(i - stages)
+    load(i, slot, wait_free)
 
 
 def visit_runs(bounds, loops: dict, step, carry, *, reverse: bool = False):
@@ -519,9 +534,9 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
-    start, _, _, end = narrowed(
-        mask.key_blocks(q_tile, CONSUMERS * block_q, block_k),
-        refs.get("seg_range"), batch, q_tile)
+    start, _, _, end = visited_runs(
+        mask, refs.get("seg_range"), batch, q_tile, CONSUMERS * block_q,
+        block_k, query_major=True)[0]
     kv_head = lax.div(head, _i32(group))
 
     def load(i, slot, wait_free):

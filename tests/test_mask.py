@@ -110,12 +110,47 @@ def test_segment_block_ranges_packed_documents():
   # Two documents of 40 and 24 tokens, sorted ids: blocks of 16.
   seg = jnp.asarray([[0] * 40 + [1] * 24], jnp.int32)
   key_range, query_range = segment_block_ranges(seg, seg, 16, 16)
-  np.testing.assert_array_equal(key_range[0], [[0, 3], [0, 3], [0, 4], [2, 4]])
+  # (first, end, whole_first, whole_end): block 2 holds both documents.
+  np.testing.assert_array_equal(key_range[0], [[0, 3, 0, 2], [0, 3, 0, 2],
+                                               [0, 4, 0, 0], [2, 4, 3, 4]])
   np.testing.assert_array_equal(query_range[0], key_range[0])
   brute = np.asarray(seg[0][:, None] == seg[0][None, :])
   for i, j in itertools.product(range(4), range(4)):
-    if brute[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16].any():
+    tile = brute[i * 16:(i + 1) * 16, j * 16:(j + 1) * 16]
+    if tile.any():
       assert key_range[0, i, 0] <= j < key_range[0, i, 1]
+    assert (key_range[0, i, 2] <= j < key_range[0, i, 3]) == tile.all()
+
+
+@pytest.mark.parametrize("sort", [True, False])
+def test_segment_whole_runs(sort):
+  """Every block of the whole run matches wholly; for sorted ids every
+  wholly matching block is in it; partial last blocks never are."""
+  rng = np.random.default_rng(3 + sort)
+  for _ in range(20):
+    t, s = rng.integers(1, 100, 2)
+    q_seg = rng.integers(0, 3, (2, t))
+    kv_seg = rng.integers(0, 3, (2, s))
+    if sort:
+      q_seg, kv_seg = np.sort(q_seg), np.sort(kv_seg)
+    for block_q, block_k in [(8, 16), (16, 8)]:
+      key_range, query_range = segment_block_ranges(
+          jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32),
+          block_q, block_k)
+      for b, i, j in itertools.product(range(2), range(-(-t // block_q)),
+                                       range(-(-s // block_k))):
+        tile = (q_seg[b, i * block_q:(i + 1) * block_q, None]
+                == kv_seg[b, None, j * block_k:(j + 1) * block_k])
+        whole = tile.shape == (block_q, block_k) and tile.all()
+        for (first, end, w_first, w_end), n in ((key_range[b, i], j),
+                                                (query_range[b, j], i)):
+          assert first <= w_first <= w_end <= end or w_first == w_end
+          if tile.any():
+            assert first <= n < end
+          if w_first <= n < w_end:
+            assert whole
+          elif sort:
+            assert not whole
 
 
 @pytest.mark.parametrize("kwargs, span", [

@@ -18,7 +18,7 @@ import fa2_jax
 from fa2_jax import backends
 from pallas_kernels import mosaic_backward, mosaic_tiles
 from pallas_kernels.mask import MaskRule
-from tests import numerics
+from tests import numerics, test_mask
 from tests.test_numerics import SHAPES, check_against_reference
 from tests.test_variants import CASES, lengths, packed_ids
 
@@ -120,6 +120,31 @@ def test_overlapped_softmax(shape, mask_name, block_k, hopper):
                                block_k=block_k, overlap=True)
   check_against_reference(shape, jnp.bfloat16, False, block_sizes=blocks,
                           mask_fn=mask_fn, seed=17, implementation="mosaic")
+
+
+@pytest.mark.parametrize("shape,kwargs,blocks", [
+    ((1, 2000, 2000, 4, 2, 64, True), dict(docs=3), None),
+    ((1, 1000, 1000, 2, 2, 128, True), dict(docs=3, window=(300, 0)), None),
+    ((1, 900, 700, 2, 1, 128, False), dict(lengths=True), None),
+    ((2, 1000, 1000, 2, 1, 64, True), dict(docs=4), SMALL_MOSAIC_TILES),
+    ((1, 1000, 1000, 2, 2, 64, False), dict(docs=3),
+     fa2_jax.MosaicBlocks(block_q_dkv=128, fused_dq=True)),
+])
+def test_whole_segment_blocks(shape, kwargs, blocks, hopper):
+  """Long documents and padding: the blocks inside one document skip the
+  element-wise mask (`mt.narrowed`'s middle run), the rest apply it."""
+  def mask_fn(b, t, s):
+    out = {}
+    if "docs" in kwargs:
+      out["q_segment_ids"] = packed_ids(b, t, kwargs["docs"], 13)
+    if "window" in kwargs:
+      out["local_window_size"] = kwargs["window"]
+    if "lengths" in kwargs:
+      out.update(query_seq_lengths=jnp.full((b,), t - 190, jnp.int32),
+                 key_value_seq_lengths=jnp.full((b,), s - 150, jnp.int32))
+    return out
+  check_against_reference(shape, jnp.bfloat16, False, block_sizes=blocks,
+                          mask_fn=mask_fn, seed=19, implementation="mosaic")
 
 
 def test_combined_variants(hopper):
@@ -265,18 +290,68 @@ def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, split):
 
 
 @pytest.mark.parametrize("bounds,seg_range,narrowed", [
-    ((0, 10, 10, 10), (2, 5), (2, 5, 5, 5)),
-    ((3, 8, 8, 8), (1, 4), (3, 4, 4, 4)),
-    ((3, 8, 8, 8), (9, 12), (9, 9, 9, 9)),  # nothing matches: empty
-    ((0, 10, 10, 10), (0, 0), (0, 0, 0, 0)),
+    ((0, 10, 10, 10), (2, 5, 0, 0), (2, 5, 5, 5)),
+    ((3, 8, 8, 8), (1, 4, 0, 0), (3, 4, 4, 4)),
+    ((3, 8, 8, 8), (9, 12, 9, 12), (9, 9, 9, 9)),  # nothing matches: empty
+    ((0, 10, 10, 10), (0, 0, 0, 0), (0, 0, 0, 0)),
+    # Position runs: unmasked where both runs say wholly visible.
+    ((2, 4, 9, 10), (1, 8, 3, 7), (2, 4, 7, 8)),
+    ((2, 4, 9, 10), (5, 10, 5, 6), (5, 5, 6, 10)),
+    ((2, 4, 9, 10), (3, 9, 0, 0), (3, 4, 4, 9)),  # no whole segment match
 ])
 def test_segment_ranges_narrow_tiles(bounds, seg_range, narrowed):
   """A tile visits the intersection of its position range and the blocks
-  that can hold a matching segment pair; an empty one stays empty."""
-  ranges = jnp.zeros((2, 3, 2), jnp.int32).at[1, 2].set(jnp.array(seg_range))
+  that can hold a matching segment pair, unmasked only where both say all
+  pairs are visible; an empty one stays empty."""
+  ranges = jnp.zeros((2, 3, 4), jnp.int32).at[1, 2].set(jnp.array(seg_range))
   got = mosaic_tiles.narrowed(bounds, ranges, 1, 2)
   assert [int(x) for x in got] == list(narrowed)
   assert mosaic_tiles.narrowed(bounds, None, 1, 2) == bounds
+
+
+@pytest.mark.parametrize("query_major", [True, False])
+def test_visited_runs_with_segments(query_major):
+  """The kernels' runs under segment ids, against brute force: every block
+  holding a visible pair is visited, every unmasked one is wholly visible,
+  and each non-empty run is compiled (packed ids with padding, positions
+  from random rules)."""
+  rows, cols = (16, 8) if query_major else (8, 16)  # a tile, a block
+  block_q, block_k = (rows, cols) if query_major else (cols, rows)
+  unmasked = 0
+  for n, rule in enumerate(test_mask.random_rules(60, seed=21)):
+    rule = dataclasses.replace(rule, has_segments=True)
+    t, s = rule.seq_len_q, rule.seq_len_k
+    ids = [np.sort(np.random.default_rng(n).integers(0, 3, (2, length)))
+           for length in (t, s)]
+    ids[1][1, s // 2:] = -7  # lengths: keys past s // 2 match no query
+    tp, sp = (mosaic_tiles.round_up(t, 16), mosaic_tiles.round_up(s, 16))
+    padded = mosaic_tiles.pad_segments(
+        tuple(jnp.asarray(x, jnp.int32) for x in ids), tp, sp)
+    (ranges,) = mosaic_tiles.segment_ranges(padded, block_q, block_k,
+                                            query_major=query_major)
+    vis = np.zeros((2, tp, sp), bool)
+    vis[:, :t, :s] = test_mask.visible_matrix(rule)
+    vis &= np.asarray(padded[0])[:, :, None] == np.asarray(padded[1])[:, None]
+    if not query_major:
+      vis = vis.swapaxes(1, 2)  # [B, keys, queries]
+    for b, tile in itertools.product(range(2), range(vis.shape[1] // rows)):
+      bounds, loops = mosaic_tiles.visited_runs(
+          rule, ranges, b, tile, block_q, block_k, query_major=query_major)
+      start, full_start, full_end, end = (int(x) for x in bounds)
+      assert start <= full_start <= full_end <= end
+      for run, lo, hi in (("leading", start, full_start),
+                          ("middle", full_start, full_end),
+                          ("trailing", full_end, end)):
+        assert loops[run] or lo == hi, (rule, tile, run)
+      for block in range(vis.shape[2] // cols):
+        pairs = vis[b, tile * rows:(tile + 1) * rows,
+                    block * cols:(block + 1) * cols]
+        if pairs.any():
+          assert start <= block < end, (rule, b, tile, block)
+        if full_start <= block < full_end:
+          assert pairs.all(), (rule, b, tile, block)
+          unmasked += 1
+  assert unmasked > 50  # the runs do skip the mask
 
 
 def test_segment_ranges_cover_every_match():
