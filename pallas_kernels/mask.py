@@ -195,6 +195,11 @@ class MaskRule:
       ok = jnp.logical_and(ok, mask_tile)
     return ok
 
+  def key_interval(self, pos):
+    """[lo, hi]: the keys that position(s) `pos` see by the position rules
+    (causal, window, S) alone; ints where a bound does not depend on pos."""
+    return self._key_range(pos, pos)
+
   def _key_range(self, lo_pos, hi_pos):
     """[lo, hi]: keys in S seen from position `lo_pos` on the left (window)
     and `hi_pos` on the right (causal, window). With the block's first and

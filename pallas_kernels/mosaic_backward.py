@@ -152,7 +152,8 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
         plgpu.barrier_wait(bars["q_ready"].at[slot])
 
         # S^T = K Q^T; the next tile's K and V load under the first one.
-        prefetch = (lambda: pl.when(i == 0)(next_kv)) if next_kv else None
+        prefetch = (lambda: pl.when(
+            i == mt.prefetch_step(group * num_q))(next_kv)) if next_kv else None
         s = mt.matmul_t(k_smem, q_smem, (bk, bq), during=prefetch)
         q_seg = (mt.load_vector(scratch["q_seg"].at[slot], axis=1)
                  if mask.has_segments and masked else None)

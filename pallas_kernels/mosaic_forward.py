@@ -102,7 +102,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
       def qk(acc_ref):  # S = Q K^T
         plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
         if next_q:  # the next tile's Q loads under this tile
-          pl.when(kv_block == start)(next_q)
+          pl.when(kv_block == start + mt.prefetch_step(end - start))(next_q)
         schedule()  # the other consumer's softmax runs during this wgmma
         return acc_ref[...]
 

@@ -14,6 +14,7 @@ true S); padded query rows are computed and dropped.
 """
 import dataclasses
 import functools
+import heapq
 
 import jax
 import jax.numpy as jnp
@@ -130,8 +131,10 @@ def num_sms() -> int:
 
 
 # A persistent grid is used only where its static share of the tiles leaves
-# the CTAs' work this close to balanced; otherwise (a causal mask over many
-# query tiles) one CTA per tile lets the hardware balance them.
+# its busiest CTA at most this much more work than the hardware's dynamic
+# order of one CTA per tile would give its busiest SM (`Tiles.makespan`);
+# otherwise (a causal mask over many query tiles) one CTA per tile lets the
+# hardware balance them.
 MAX_IMBALANCE = 1.05
 # ... and, where tiles differ in length (causal), only while they average
 # at most this many key blocks: longer tiles amortize a CTA's fixed cost
@@ -179,8 +182,8 @@ class Tiles:
     if max(costs) > min(costs) and sum(costs) > MAX_MEAN_COST_VARIED * num:
       return one_per_tile
     tiles = cls(num, num_heads, batch, sms, last_first)
-    work = tiles.work_per_cta(costs)
-    balanced = max(work) <= MAX_IMBALANCE * sum(work) / len(work)
+    balanced = (max(tiles.work_per_cta(costs))
+                <= MAX_IMBALANCE * one_per_tile.makespan(costs, sms))
     return tiles if balanced else one_per_tile
 
   @classmethod
@@ -212,6 +215,17 @@ class Tiles:
       cta = pos if wave % 2 == 0 else self.num_ctas - 1 - pos
       work[cta] += costs[self._tile(flat % self.num_tiles)]
     return work
+
+  def makespan(self, costs, num_sms: int) -> int:
+    """The busiest SM's work when `num_sms` SMs take this grid's tiles in
+    order, each the next one as it finishes (one CTA per tile: how the
+    hardware schedules them; Python ints). Its last wave is as uneven as a
+    static split's, so this, not the mean, is what that split must match."""
+    finish = [0] * num_sms
+    for flat in range(self.total):
+      heapq.heapreplace(finish,
+                        finish[0] + costs[self._tile(flat % self.num_tiles)])
+    return max(finish)
 
   def _position(self, cta, wave):
     """CTA `cta`'s position in a wave (snake order)."""
@@ -374,14 +388,28 @@ def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
     q_seg, kv_seg: segment-id vectors from `load_vector` (or None).
   """
   key_axis = 1 - query_axis
-  q_idx = plgpu.broadcasted_iota(jnp.int32, shape, query_axis,
-                                 layout=plgpu.Layout.WGMMA) + row_start
-  k_idx = plgpu.broadcasted_iota(jnp.int32, shape, key_axis,
-                                 layout=plgpu.Layout.WGMMA) + col_start
+  # Each query's visible keys by position are an interval [lo, hi]
+  # (`MaskRule.key_interval`): at most two compares per element against
+  # per-query bounds (vectors) relative to the tile's first key, instead of
+  # `MaskRule.visible` on two index tiles (window fwd+bwd -9 to -14% on an
+  # H100; benchmarks/NOTES.md item 26).
+  lo, hi = 0, mask.seq_len_k - 1
+  if mask.has_position_mask:
+    pos = plgpu.broadcasted_iota(
+        jnp.int32, (shape[query_axis],), 0,
+        layout=plgpu.Layout.WGMMA.reduce(key_axis)) + (row_start + mask.offset)
+    lo, hi = mask.key_interval(pos)
+  key = plgpu.broadcasted_iota(jnp.int32, shape, key_axis,
+                               layout=plgpu.Layout.WGMMA)
+  bound = lambda b: (b - col_start if isinstance(b, int)
+                     else broadcast(b - col_start, shape, query_axis))
+  visible = key <= bound(hi)
+  if not (isinstance(lo, int) and lo == 0):
+    visible = jnp.logical_and(visible, key >= bound(lo))
   if mask.has_segments:
-    q_seg = broadcast(q_seg, shape, query_axis)
-    kv_seg = broadcast(kv_seg, shape, key_axis)
-  return mask.visible(q_idx, k_idx, q_seg, kv_seg)
+    visible = jnp.logical_and(visible, broadcast(q_seg, shape, query_axis)
+                              == broadcast(kv_seg, shape, key_axis))
+  return visible
 
 
 def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
@@ -424,14 +452,27 @@ def load_own(refs, scratch, names, barrier, *, tiles: "Tiles", cta, t, wg,
             rows=own_rows(tile, wg, block)[1], head=head)
 
 
+# The step of a tile under which the next tile's operands start loading
+# (`operand_slot`): the second, not the first, so that the wait for the
+# previous tile's output stores to leave the slot (issued just before)
+# does not hold up the tile's first matmuls.
+PREFETCH_STEP = 1
+
+
+def prefetch_step(num_steps):
+  """The step of a tile of num_steps (int32) that issues the prefetch."""
+  return jnp.minimum(PREFETCH_STEP, num_steps - 1)
+
+
 def operand_slot(t, num_tiles, slots: int, load, ready):
   """The slot of a consumer's own operands of local tile t (the forward's
   Q; the dK/dV kernel's K and V), which also stages the tile's outputs for
   their TMA store: so refilling a slot first waits until those stores have
   read it. With one slot, tile t's operands load here; with two, the
   returned `prefetch()` loads tile t + 1's into the other slot (issue it
-  once, under one of this tile's wgmmas). `load(t, slot)` issues the copies
-  completing on barrier `ready(slot)`, which is awaited here.
+  once, under one of this tile's wgmmas: at step `prefetch_step`).
+  `load(t, slot)` issues the copies completing on barrier `ready(slot)`,
+  which is awaited here.
 
   Returns (slot, prefetch), prefetch None with one slot."""
   slot = lax.rem(t, _i32(slots))

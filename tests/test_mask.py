@@ -33,6 +33,18 @@ def test_visible_matches_oracle():
     np.testing.assert_array_equal(vis, visible_matrix(rule))
 
 
+def test_key_interval_matches_oracle():
+  """Each row's visible keys by position are the interval key_interval
+  gives (what the Hopper kernels compare against)."""
+  for rule in random_rules(100, seed=7):
+    pos = jnp.arange(rule.seq_len_q) + rule.offset
+    lo, hi = (np.broadcast_to(np.asarray(b), pos.shape)
+              for b in rule.key_interval(pos))
+    key = np.arange(rule.seq_len_k)[None, :]
+    np.testing.assert_array_equal(
+        (key >= lo[:, None]) & (key <= hi[:, None]), visible_matrix(rule))
+
+
 def random_rules(n, seed=0):
   rng = random.Random(seed)
   for _ in range(n):
