@@ -187,6 +187,8 @@ def test_persistent_schedule(grid, last_first):
 @pytest.mark.parametrize("costs,heads,persistent", [
     ([1] * 8, 256, True),  # 1k
     ([9] * 128, 16, True),  # a band
+    # A 1k window at 16k: 6.4% over the mean, as the hardware's order is.
+    ([min(i + 1, 9) for i in range(128)], 16, True),
     (list(range(1, 9)), 256, True),  # 1k causal
     (list(range(1, 33)), 64, True),  # 4k causal
     (list(range(1, 129)), 16, False),  # 16k causal: the hardware balances
@@ -199,7 +201,23 @@ def test_persistent_when_balanced(costs, heads, persistent, monkeypatch):
   assert tiles.persistent == persistent
   if persistent:
     work = tiles.work_per_cta(costs)
-    assert max(work) <= mosaic_tiles.MAX_IMBALANCE * np.mean(work)
+    dynamic = mosaic_tiles.Tiles.one_per_tile(len(costs), heads, 1)
+    assert max(work) <= mosaic_tiles.MAX_IMBALANCE * dynamic.makespan(
+        costs, 132)
+
+
+@pytest.mark.parametrize("costs,heads,sms,makespan", [
+    ([3] * 10, 1, 4, 9),  # three waves of equal tiles
+    # Taken last tile first: the long tile last waits for two SMs' ones...
+    ([5, 1, 1, 1, 1, 1], 1, 2, 7),
+    # ... or goes first, the others beside it.
+    ([1, 1, 1, 1, 1, 5], 1, 2, 5),
+    ([2, 1], 3, 2, 5),  # (2, 1) per head, 6 tiles on 2 SMs
+])
+def test_makespan_of_the_hardware_order(costs, heads, sms, makespan):
+  """One CTA per tile: each SM takes the next tile as it finishes."""
+  tiles = mosaic_tiles.Tiles.one_per_tile(len(costs), heads, 1)
+  assert tiles.makespan(costs, sms) == makespan
 
 
 def test_key_tiles_heaviest_first():
