@@ -353,20 +353,22 @@ def segment_block_ranges(q_seg, kv_seg, block_q: int, block_k: int):
   whole = (q_one[:, :, None] & k_one[:, None, :]
            & (q_min[:, :, None] == k_min[:, None, :]))
 
-  def run(flags, axis_len):
+  def run(flags):
     """[first, last + 1) of the set flags along the last axis ([0, 0) if
-    none), and whether every flag in between is set."""
-    idx = jnp.arange(axis_len, dtype=jnp.int32)
+    none)."""
+    idx = jnp.arange(flags.shape[-1], dtype=jnp.int32)
     any_set = jnp.any(flags, axis=-1)
-    first = jnp.where(any_set, jnp.min(jnp.where(flags, idx, axis_len),
+    first = jnp.where(any_set, jnp.min(jnp.where(flags, idx, flags.shape[-1]),
                                        axis=-1), 0)
     end = jnp.where(any_set, jnp.max(jnp.where(flags, idx, -1), axis=-1) + 1,
                     0)
-    return first, end, flags.sum(-1) == end - first
+    return first, end
 
   def bounds(meet, whole):
-    first, end, _ = run(meet, meet.shape[-1])
-    whole_first, whole_end, contiguous = run(whole, whole.shape[-1])
+    first, end = run(meet)
+    whole_first, whole_end = run(whole)
+    # Empty unless every block in between matches wholly too.
+    contiguous = whole.sum(-1) == whole_end - whole_first
     whole_end = jnp.where(contiguous, whole_end, whole_first)
     return jnp.stack([first, end, whole_first, whole_end],
                      axis=-1).astype(jnp.int32)
