@@ -11,7 +11,9 @@ loading into a second slot during this one. Each CTA has three warpgroups:
 
 The consumers ping-pong (FlashAttention-3): a shared "schedule" barrier, one
 phase apart, lets one warpgroup's softmax run while the other's matmuls hold
-the tensor cores. With `MosaicBlocks.overlap` each consumer also overlaps
+the tensor cores; it restarts each tile, or with
+`MosaicBlocks.pingpong_across_tiles` runs on through a CTA's tiles. With
+`MosaicBlocks.overlap` each consumer also overlaps
 its own work (FA3's intra-warpgroup pipelining): block j's S = Q K^T is
 issued together with block j-1's O += P V, and block j's softmax runs while
 the latter does; the consumers then take turns to issue (two "turn"
@@ -194,9 +196,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
       def _():
         plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(first, stages)])
 
-      pl.when(wg == 1)(schedule)
+      if not blocks.pingpong_across_tiles:  # consumer 0 goes first
+        pl.when(wg == 1)(schedule)
       carry = mt.visit_runs(bounds, loops, step, carry)
-      pl.when(wg == 0)(schedule)
+      if not blocks.pingpong_across_tiles:
+        pl.when(wg == 0)(schedule)
       if next_q:
         pl.when(end == start)(next_q)  # a tile with no step
 
@@ -219,7 +223,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     pl.when(num_tiles > 0)(lambda: load_q(0, 0))
   if blocks.overlap:  # consumer 0 issues first
     pl.when(wg == 1)(lambda: plgpu.barrier_arrive(bars["turn"].at[0]))
+  elif blocks.pingpong_across_tiles:  # consumer 0 goes first, once
+    pl.when(wg == 1)(schedule)
   tiles.loop(tile, jnp.int32(0))
+  if not blocks.overlap and blocks.pingpong_across_tiles:
+    pl.when(wg == 0)(schedule)
   plgpu.wait_smem_to_gmem(0)
 
 

@@ -59,6 +59,14 @@ class MosaicBlocks:
     consumers. Off by default: on an H100 it was level at head_dim 128
     without a mask, and slower at head_dim 64 and under a causal mask
     (benchmarks/NOTES.md item 20).
+  pingpong_across_tiles: in the forward, the consumers' ping-pong runs on
+    from one tile of a CTA to its next (one consumer's output and next Q
+    overlap the other's last steps) instead of restarting each tile. On by
+    default at head_dim 64, where the softmax is the longer part of a step:
+    without a mask +3% at 16k, +6% at 4k and +10% at 1k on an H100; at 128
+    it was 1-2% slower (benchmarks/NOTES.md item 28). Only persistent CTAs
+    (several tiles each) see a difference; with `overlap` the consumers'
+    turns already run on.
   persistent: the forward and the dK/dV kernel run one CTA per SM that
     loops over its tiles, loading the next tile's Q (dK/dV: K and V) while
     it finishes the current one. Takes effect where two such slots and the
@@ -75,6 +83,7 @@ class MosaicBlocks:
   stages: int = 2
   fused_dq: bool | None = None
   overlap: bool = False
+  pingpong_across_tiles: bool = False
   persistent: bool = True
 
   def __post_init__(self):
@@ -87,7 +96,7 @@ class MosaicBlocks:
     if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
       raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
                        f"{self.stages!r}")
-    for field in ("overlap", "persistent"):
+    for field in ("overlap", "pingpong_across_tiles", "persistent"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"MosaicBlocks.{field} must be a bool, got "
                          f"{getattr(self, field)!r}")
@@ -113,7 +122,8 @@ def default_mosaic_blocks(head_dim: int, *,
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
                         block_q_dkv=64, block_k_dkv=64, stages=2)
   if head_dim <= 64:
-    return MosaicBlocks(block_q_dkv=128, block_k=128 if masked else 256)
+    return MosaicBlocks(block_q_dkv=128, block_k=128 if masked else 256,
+                        pingpong_across_tiles=True)
   return MosaicBlocks()
 
 

@@ -233,6 +233,8 @@ def test_narrow_windows_take_small_tiles():
     ("persistent", "yes",
      "MosaicBlocks.persistent must be a bool, got 'yes'"),
     ("overlap", None, "MosaicBlocks.overlap must be a bool, got None"),
+    ("pingpong_across_tiles", 1,
+     "MosaicBlocks.pingpong_across_tiles must be a bool, got 1"),
 ])
 def test_mosaic_blocks_validation(field, value, message):
   with pytest.raises(ValueError, match=message):

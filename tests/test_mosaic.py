@@ -243,16 +243,20 @@ def few_sms(monkeypatch):
   jax.clear_caches()
 
 
+@pytest.mark.parametrize("pingpong_across_tiles", [False, True])
 @pytest.mark.parametrize("name", ["bottom_right-T>S", "window-2sided",
                                   "packed-causal", "lengths-causal",
                                   "soft_cap-causal-window"])
-def test_persistent_variants(name, hopper, few_sms):
+def test_persistent_variants(name, pingpong_across_tiles, hopper, few_sms):
   """Tiles with no key (query) block, bands, segments: the rings, the Q
   slots of the forward and the K/V slots of dK/dV run on across a CTA's
-  tiles."""
+  tiles, and so does the consumers' ping-pong if asked."""
   shape, mask_fn = CASES[name]
+  blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(shape[5]),
+                               pingpong_across_tiles=pingpong_across_tiles)
   check_against_reference(shape, jnp.bfloat16, False, mask_fn=mask_fn,
-                          seed=14, implementation="mosaic")
+                          block_sizes=blocks, seed=14,
+                          implementation="mosaic")
 
 
 @pytest.mark.parametrize("shape", [
