@@ -19,7 +19,9 @@ issued together with block j-1's O += P V, and block j's softmax runs while
 the latter does; the consumers then take turns to issue (two "turn"
 barriers). Key blocks are visited in the three runs of
 `MaskRule.key_blocks`: the blocks every row sees skip the element-wise mask,
-the diagonal / band-edge blocks apply it, the rest are never loaded; with
+the diagonal / band-edge blocks apply it (a 256-key one in 128-key
+sub-steps, of which those no row sees are skipped and those every row sees
+are left unmasked), the rest are never loaded; with
 segment ids, only the blocks that can hold a matching pair are visited,
 and those whose queries and keys all share one id skip the element-wise
 mask (`mt.narrowed`).
@@ -74,19 +76,26 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     q_seg = (mt.load_vector(scratch["q_seg"].at[q_slot, wg], axis=0)
              if mask.has_segments else None)
 
-    def softmax(s, kv_block, slot, m_i, *, masked: bool):
+    def softmax(s, kv_block, slot, m_i, *, masked: bool, keys=None,
+                free_k=True):
       """Online softmax of one block (Algorithm 1, lines 9-10), base 2:
-      (P in float32, the new m, alpha = the rescale of O and l). Frees the
-      block's K slot once the mask has read its segment ids."""
+      (P in float32, the new m, alpha = the rescale of O and l). `keys`:
+      the (offset, width) of the block's keys in S (all of them if None).
+      Frees the block's K slot (if `free_k`, a bool or a predicate) once
+      the mask has read its segment ids."""
+      off, width = keys or (0, bk)
       s, c, _ = score.deferred_log2(s)  # base-2 logits are s * c
       scaled = (lambda x: x) if c is None else (lambda x: x * c)
       if masked:
-        kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
-                  if mask.has_segments else None)
-        visible = mt.tile_visible(mask, (bq, bk), row0, kv_block * bk,
+        kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot, pl.ds(off, width)],
+                                 axis=1) if mask.has_segments else None)
+        visible = mt.tile_visible(mask, (bq, width), row0, kv_block * bk + off,
                                   query_axis=0, q_seg=q_seg, kv_seg=kv_seg)
         s = jnp.where(visible, s, -jnp.inf)
-      plgpu.barrier_arrive(bars["k_free"].at[slot])
+      if free_k is True:
+        plgpu.barrier_arrive(bars["k_free"].at[slot])
+      elif free_k is not False:
+        pl.when(free_k)(lambda: plgpu.barrier_arrive(bars["k_free"].at[slot]))
       m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
       # A row that has seen no visible key keeps m = -inf: subtract 0 then.
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -129,6 +138,84 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
       plgpu.barrier_arrive(bars["v_free"].at[slot])
       return acc, m_new, l_i
+
+    # Masked 256-key blocks run as 128-key sub-steps, skipping those no row
+    # of the tile sees and leaving the mask off those every row sees (a
+    # masked [64, 256] step is far dearer than two [64, 128] ones;
+    # benchmarks/NOTES.md item 29). Both consumers run the same sub-steps,
+    # so the ping-pong stays in phase.
+    sub = mt.MASKED_SUB_STEP
+    split = bk > sub and bk % sub == 0 and not blocks.overlap
+    if split:
+      sub_bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, sub)
+
+    def sub_step(kv_block, h, carry, *, masked: bool, first, last):
+      """Keys [h * sub, (h + 1) * sub) of block kv_block: one ping-pong
+      step; `first` / `last` (predicates): the block's first / last
+      sub-step run, which waits for its V / frees its slots."""
+      acc, m_i, l_i = carry
+      slot = ring_slot(kv_block)
+      k_sub = k_smem.at[slot, pl.ds(h * sub, sub)]
+      v_sub = v_smem.at[slot, pl.ds(h * sub, sub)]
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, k_sub.T)
+        schedule()
+        return acc_ref[...]
+
+      s = pl.run_scoped(qk, plgpu.ACC((bq, sub), jnp.float32))
+      p, m_new, alpha = softmax(s, kv_block, slot, m_i, masked=masked,
+                                keys=(h * sub, sub), free_k=last)
+      acc = acc * mt.broadcast(alpha, acc.shape, 0)
+      l_i = l_i * alpha + p.sum(axis=1)
+      p16 = p.astype(dtype)
+      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      plgpu.barrier_arrive(bars["schedule"])
+      pl.when(first)(lambda: plgpu.barrier_wait(bars["v_ready"].at[slot]))
+      plgpu.barrier_wait(bars["schedule"])
+
+      def pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, v_sub)
+        nxt = kv_block + 1
+
+        @pl.when(jnp.logical_and(last, nxt < end))
+        def _():
+          plgpu.barrier_wait(bars["k_ready"].at[ring_slot(nxt)])
+
+      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+      pl.when(last)(lambda: plgpu.barrier_arrive(bars["v_free"].at[slot]))
+      return acc, m_new, l_i
+
+    def split_step(kv_block, carry):
+      """A masked block as bk // sub sub-steps over its keys."""
+      if next_q:
+        pl.when(kv_block == start + mt.prefetch_step(end - start))(next_q)
+      subs = bk // sub
+      first_sub = kv_block * subs
+      lo = jnp.maximum(sub_bounds[0], first_sub)  # the sub-steps to run
+      hi = jnp.minimum(sub_bounds[3], first_sub + subs)
+      for h in range(subs):
+        i = first_sub + h
+        kw = dict(first=i == lo, last=i == hi - 1)
+        run = jnp.logical_and(lo <= i, i < hi)
+        masked_sub = functools.partial(sub_step, kv_block, h, masked=True,
+                                       **kw)
+        if mask.dense_blocks:  # by position alone: every row sees it?
+          whole = jnp.logical_and(sub_bounds[1] <= i, i < sub_bounds[2])
+          plain_sub = functools.partial(sub_step, kv_block, h, masked=False,
+                                        **kw)
+          carry = lax.cond(
+              run, lambda c, plain_sub=plain_sub, masked_sub=masked_sub,
+              whole=whole: lax.cond(whole, plain_sub, masked_sub, c),
+              lambda c: c, carry)
+        else:
+          carry = lax.cond(run, masked_sub, lambda c: c, carry)
+      return carry
+
+    def block_step(kv_block, carry, *, masked: bool):
+      if masked and split:
+        return split_step(kv_block, carry)
+      return step(kv_block, carry, masked=masked)
 
     def overlapped_step(kv_block, carry, *, masked: bool):
       """Block kv_block's S = Q K^T issued with the previous block's
@@ -198,7 +285,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
       if not blocks.pingpong_across_tiles:  # consumer 0 goes first
         pl.when(wg == 1)(schedule)
-      carry = mt.visit_runs(bounds, loops, step, carry)
+      carry = mt.visit_runs(bounds, loops, block_step, carry)
       if not blocks.pingpong_across_tiles:
         pl.when(wg == 0)(schedule)
       if next_q:

@@ -40,7 +40,8 @@ class MosaicBlocks:
 
   block_q: query rows per consumer warpgroup in the forward and dQ kernels
     (a CTA holds CONSUMERS * block_q rows).
-  block_k: keys per pipeline step in the forward.
+  block_k: keys per pipeline step in the forward (a masked block of 256
+    runs as two 128-key sub-steps, `MASKED_SUB_STEP`).
   block_k_dq: keys per pipeline step in the dQ kernel.
   block_q_dkv, block_k_dkv: the dK/dV kernel streams [block_q_dkv, H] tiles
     of Q and dO past CONSUMERS * block_k_dkv resident keys.
@@ -469,6 +470,10 @@ def load_own(refs, scratch, names, barrier, *, tiles: "Tiles", cta, t, wg,
 # previous tile's output stores to leave the slot (issued just before)
 # does not hold up the tile's first matmuls.
 PREFETCH_STEP = 1
+
+# Keys per sub-step of a masked forward block wider than this (the
+# forward's 256-key blocks at head_dim 64: mosaic_forward.split_step).
+MASKED_SUB_STEP = 128
 
 
 def prefetch_step(num_steps):

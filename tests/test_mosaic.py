@@ -84,12 +84,19 @@ def test_small_tiles(name, hopper):
     ((2, 300, 260, 4, 2, 64, True), None),
     (None, "window-2sided"),
     (None, "packed-causal"),
+    (None, "lengths-causal"),
+    (None, "bottom_right-T>S"),
+    (None, "soft_cap-causal-window"),
+    ((1, 1500, 1500, 2, 1, 64, True), "window-300"),
 ])
 def test_wide_key_tiles(shape, mask_name, hopper):
   """256-key forward tiles: partial last tiles, the diagonal, a band and
-  segments cutting them."""
+  segments cutting them; masked blocks run as 128-key sub-steps, skipping
+  those no row sees and unmasked where every row sees them."""
   mask_fn = None
-  if mask_name is not None:
+  if mask_name == "window-300":
+    mask_fn = lambda b, t, s: dict(local_window_size=(300, 0))
+  elif mask_name is not None:
     shape, mask_fn = CASES[mask_name]
     shape = (*shape[:5], 64, *shape[6:])
   check_against_reference(shape, jnp.bfloat16, False,
