@@ -87,15 +87,14 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
       s, c, _ = score.deferred_log2(s)  # base-2 logits are s * c
       scaled = (lambda x: x) if c is None else (lambda x: x * c)
       if masked:
-        kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot, pl.ds(off, width)],
-                                 axis=1) if mask.has_segments else None)
+        kv_seg = None
+        if mask.has_segments:
+          kv_seg = mt.load_vector(
+              mt.key_rows(scratch["kv_seg"].at[slot], keys), axis=1)
         visible = mt.tile_visible(mask, (bq, width), row0, kv_block * bk + off,
                                   query_axis=0, q_seg=q_seg, kv_seg=kv_seg)
         s = jnp.where(visible, s, -jnp.inf)
-      if free_k is True:
-        plgpu.barrier_arrive(bars["k_free"].at[slot])
-      elif free_k is not False:
-        pl.when(free_k)(lambda: plgpu.barrier_arrive(bars["k_free"].at[slot]))
+      mt.when(free_k, lambda: plgpu.barrier_arrive(bars["k_free"].at[slot]))
       m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
       # A row that has seen no visible key keeps m = -inf: subtract 0 then.
       m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
@@ -106,37 +105,46 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     def ring_slot(kv_block):
       return mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
 
-    def step(kv_block, carry, *, masked: bool):
+    def step(kv_block, carry, *, masked: bool, keys=None, first=True,
+             last=True):
+      """One ping-pong step over keys [off, off + width) = `keys` of block
+      kv_block (the whole block if None). `first` / `last` (bools or
+      predicates): the block's first / last step run, which issues the
+      Q prefetch and waits for V / frees the block's slots."""
       acc, m_i, l_i = carry
       slot = ring_slot(kv_block)
+      width = keys[1] if keys else bk
+      k_keys, v_keys = (mt.key_rows(ref.at[slot], keys)
+                        for ref in (k_smem, v_smem))
 
       def qk(acc_ref):  # S = Q K^T
-        plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+        plgpu.wgmma(acc_ref, q_smem, k_keys.T)
         if next_q:  # the next tile's Q loads under this tile
-          pl.when(kv_block == start + mt.prefetch_step(end - start))(next_q)
+          mt.when(mt.both(first, kv_block == start
+                          + mt.prefetch_step(end - start)), next_q)
         schedule()  # the other consumer's softmax runs during this wgmma
         return acc_ref[...]
 
-      s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-      p, m_new, alpha = softmax(s, kv_block, slot, m_i, masked=masked)
+      s = pl.run_scoped(qk, plgpu.ACC((bq, width), jnp.float32))
+      p, m_new, alpha = softmax(s, kv_block, slot, m_i, masked=masked,
+                                keys=keys, free_k=last)
       acc = acc * mt.broadcast(alpha, acc.shape, 0)
       l_i = l_i * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
       acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
       plgpu.barrier_arrive(bars["schedule"])  # softmax done
-      plgpu.barrier_wait(bars["v_ready"].at[slot])
+      mt.when(first, lambda: plgpu.barrier_wait(bars["v_ready"].at[slot]))
       plgpu.barrier_wait(bars["schedule"])  # tensor cores free
 
       def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+        plgpu.wgmma(acc_ref, p16, v_keys)
         nxt = kv_block + 1
-
-        @pl.when(nxt < end)  # the next K lands while this wgmma runs
-        def _():
-          plgpu.barrier_wait(bars["k_ready"].at[ring_slot(nxt)])
+        # The next K lands while this wgmma runs.
+        mt.when(mt.both(last, nxt < end), lambda: plgpu.barrier_wait(
+            bars["k_ready"].at[ring_slot(nxt)]))
 
       acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(bars["v_free"].at[slot])
+      mt.when(last, lambda: plgpu.barrier_arrive(bars["v_free"].at[slot]))
       return acc, m_new, l_i
 
     # Masked 256-key blocks run as 128-key sub-steps, skipping those no row
@@ -149,61 +157,20 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     if split:
       sub_bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, sub)
 
-    def sub_step(kv_block, h, carry, *, masked: bool, first, last):
-      """Keys [h * sub, (h + 1) * sub) of block kv_block: one ping-pong
-      step; `first` / `last` (predicates): the block's first / last
-      sub-step run, which waits for its V / frees its slots."""
-      acc, m_i, l_i = carry
-      slot = ring_slot(kv_block)
-      k_sub = k_smem.at[slot, pl.ds(h * sub, sub)]
-      v_sub = v_smem.at[slot, pl.ds(h * sub, sub)]
-
-      def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, k_sub.T)
-        schedule()
-        return acc_ref[...]
-
-      s = pl.run_scoped(qk, plgpu.ACC((bq, sub), jnp.float32))
-      p, m_new, alpha = softmax(s, kv_block, slot, m_i, masked=masked,
-                                keys=(h * sub, sub), free_k=last)
-      acc = acc * mt.broadcast(alpha, acc.shape, 0)
-      l_i = l_i * alpha + p.sum(axis=1)
-      p16 = p.astype(dtype)
-      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-      plgpu.barrier_arrive(bars["schedule"])
-      pl.when(first)(lambda: plgpu.barrier_wait(bars["v_ready"].at[slot]))
-      plgpu.barrier_wait(bars["schedule"])
-
-      def pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_sub)
-        nxt = kv_block + 1
-
-        @pl.when(jnp.logical_and(last, nxt < end))
-        def _():
-          plgpu.barrier_wait(bars["k_ready"].at[ring_slot(nxt)])
-
-      acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-      pl.when(last)(lambda: plgpu.barrier_arrive(bars["v_free"].at[slot]))
-      return acc, m_new, l_i
-
     def split_step(kv_block, carry):
       """A masked block as bk // sub sub-steps over its keys."""
-      if next_q:
-        pl.when(kv_block == start + mt.prefetch_step(end - start))(next_q)
       subs = bk // sub
       first_sub = kv_block * subs
       lo = jnp.maximum(sub_bounds[0], first_sub)  # the sub-steps to run
       hi = jnp.minimum(sub_bounds[3], first_sub + subs)
       for h in range(subs):
         i = first_sub + h
-        kw = dict(first=i == lo, last=i == hi - 1)
+        kw = dict(keys=(h * sub, sub), first=i == lo, last=i == hi - 1)
         run = jnp.logical_and(lo <= i, i < hi)
-        masked_sub = functools.partial(sub_step, kv_block, h, masked=True,
-                                       **kw)
+        masked_sub = functools.partial(step, kv_block, masked=True, **kw)
         if mask.dense_blocks:  # by position alone: every row sees it?
           whole = jnp.logical_and(sub_bounds[1] <= i, i < sub_bounds[2])
-          plain_sub = functools.partial(sub_step, kv_block, h, masked=False,
-                                        **kw)
+          plain_sub = functools.partial(step, kv_block, masked=False, **kw)
           carry = lax.cond(
               run, lambda c, plain_sub=plain_sub, masked_sub=masked_sub,
               whole=whole: lax.cond(whole, plain_sub, masked_sub, c),

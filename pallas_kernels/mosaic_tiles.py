@@ -507,6 +507,27 @@ def operand_slot(t, num_tiles, slots: int, load, ready):
   return slot, (prefetch if slots > 1 else None)
 
 
+def when(pred, fn):
+  """fn() if pred: a Python bool decided now, or an int32/bool scalar
+  (pl.when)."""
+  if pred is True:
+    fn()
+  elif pred is not False:
+    pl.when(pred)(fn)
+
+
+def key_rows(ref, keys):
+  """ref's rows [off, off + width) for keys = (off, width); all if None."""
+  return ref if keys is None else ref.at[pl.ds(*keys)]
+
+
+def both(a, b):
+  """a and b, either a Python bool or a traced predicate."""
+  if a is True or a is False:
+    return b if a else False
+  return jnp.logical_and(a, b)
+
+
 def slot_of(i, stages: int):
   """The ring slot of pipeline step i (an int32 scalar)."""
   return lax.rem(i, jnp.asarray(stages, i.dtype))
