@@ -153,7 +153,8 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     # benchmarks/NOTES.md item 29). Both consumers run the same sub-steps,
     # so the ping-pong stays in phase.
     sub = mt.MASKED_SUB_STEP
-    split = bk > sub and bk % sub == 0 and not blocks.overlap
+    split = (bk > sub and bk % sub == 0
+             and (loops["leading"] or loops["trailing"]))
     if split:
       sub_bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, sub)
 

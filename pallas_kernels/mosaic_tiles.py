@@ -116,7 +116,7 @@ def default_mosaic_blocks(head_dim: int, *,
   `MaskRule.cuts_many_blocks`), 256-key forward tiles (+3-4% at 1k-16k
   without a mask, +1-3% causal from 4k on; a causal diagonal over 1k
   tokens wastes more of them: 268 vs 303 TFLOP/s; benchmarks/NOTES.md
-  items 18 and 21)."""
+  items 18 and 21), and the ping-pong running on across tiles (item 28)."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
   if head_dim > 128:
