@@ -275,6 +275,51 @@ class MaskRule:
         _floordiv_nonneg(full_hi - self.offset + 1, block_q), full_start, end)
     return self._masked_runs(start, full_start, full_end, end, segment_runs)
 
+  def one_sided_runs(self, block_q: int, block_k: int, *,
+                     query_major: bool) -> bool:
+    """Whether each masked run is cut by one position bound only, in every
+    tile: in `key_blocks` (query_major) the leading run's key blocks by the
+    window's left bound and the trailing run's by the right one (causal or
+    window right, and S); in `query_blocks` the leading run's query blocks
+    by the right bound and the trailing run's by the left one. Then a
+    masked block needs one compare per element, not two
+    (`mosaic_tiles.tile_visible`'s `run`): the same visibility, checked on
+    every tile's bounds (Python ints), so that a narrow window or a partial
+    last key block simply answers False. Never with segment ids or a mask
+    array (their runs are not the position runs)."""
+    if (self.has_segments or self.has_mask_array
+        or self.window_left is None or not self.has_position_mask):
+      return False
+    if query_major:  # rows [first, last] of query block i
+      for i in range(-(-self.seq_len_q // block_q)):
+        start, full_start, full_end, end = self.key_blocks(i, block_q,
+                                                           block_k)
+        first = i * block_q + self.offset
+        last = first + block_q - 1
+        # Leading: no key of it may pass the first row's right bound;
+        # trailing: none may precede the last row's left bound.
+        if (start < full_start
+            and full_start * block_k - 1 > self.key_interval(first)[1]):
+          return False
+        if (full_end < end
+            and full_end * block_k < self.key_interval(last)[0]):
+          return False
+      return True
+    for j in range(-(-self.seq_len_k // block_k)):
+      start, full_start, full_end, end = self.query_blocks(j, block_q,
+                                                           block_k)
+      first_key = j * block_k
+      last_key = first_key + block_k - 1
+      # Leading rows (before the diagonal): none may be cut by its left
+      # bound; trailing rows (past the band): none by its right bound.
+      if start < full_start and self.key_interval(
+          full_start * block_q - 1 + self.offset)[0] > first_key:
+        return False
+      if full_end < end and self.key_interval(
+          full_end * block_q + self.offset)[1] < last_key:
+        return False
+    return True
+
   def _masked_runs(self, start, full_start, full_end, end, segment_runs):
     """The bounds as `key_loops` / `query_loops` compile them: with segment
     ids all of [start, end) is the leading run (the only one compiled then)

@@ -47,13 +47,15 @@ from pallas_kernels.scores import ScoreRule, lse_log2
 
 
 def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
-                   q_start, k_start, q_seg, kv_seg):
-  """(P, tanh term) of one tile from raw scores and base-2 LSE."""
+                   q_start, k_start, q_seg, kv_seg, one_sided):
+  """(P, tanh term) of one tile from raw scores and base-2 LSE; `masked`:
+  False or the tile's run, `one_sided` as in `mt.tile_visible`."""
   x, c, t = score.deferred_log2(s_raw)  # exp2(x * c - lse2): one FMA
   if masked:
     visible = mt.tile_visible(mask, shape, q_start, k_start,
                               query_axis=query_axis, q_seg=q_seg,
-                              kv_seg=kv_seg)
+                              kv_seg=kv_seg, run=masked,
+                              one_sided=one_sided)
     x = jnp.where(visible, x, -jnp.inf)
   x = x if c is None else x * c
   return jnp.exp2(x - mt.broadcast(lse2, shape, query_axis)), t
@@ -121,6 +123,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
   kv_slots = scratch["k"].shape[0]
   cta = lax.axis_index("cta")
   num_tiles = tiles.count(cta)
+  one_sided = mask.one_sided_runs(bq, mt.CONSUMERS * bk, query_major=False)
 
   def load_kv(t, slot):  # K and V (and key segment ids) of local tile t
     mt.load_own(refs, scratch,
@@ -144,7 +147,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
     hp = k_smem.shape[-1]
 
     def head_loop(g, carry):
-      def step(q_block, carry, *, masked: bool):
+      def step(q_block, carry, *, masked):
         dk, dv = carry
         i = _step_of(g, q_block, num_q=num_q, end=bounds[3])
         slot = mt.slot_of(first + i, stages)
@@ -161,7 +164,8 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
         p, t_cap = _probabilities(s, lse2, mask=mask, score=score,
                                   masked=masked, shape=(bk, bq), query_axis=1,
                                   q_start=q_block * bq, k_start=key0,
-                                  q_seg=q_seg, kv_seg=kv_seg)
+                                  q_seg=q_seg, kv_seg=kv_seg,
+                                  one_sided=one_sided)
         plgpu.barrier_wait(bars["do_ready"].at[slot])
 
         def dv_dp(refs_):
@@ -434,6 +438,7 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
   dtype = refs["q"].dtype
   q_smem, do_smem = scratch["q"].at[wg], scratch["do"].at[wg]
   ready = bars["q"].at[wg]
+  one_sided = mask.one_sided_runs(mt.CONSUMERS * bq, bk, query_major=True)
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
@@ -451,7 +456,7 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
     q_seg = (mt.load_vector(scratch["q_seg"].at[wg], axis=0)
              if mask.has_segments else None)
 
-    def step(kv_block, dq, *, masked: bool):
+    def step(kv_block, dq, *, masked):
       slot = mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
       k_smem, v_smem = scratch["k"].at[slot], scratch["v"].at[slot]
       plgpu.barrier_wait(bars["k_ready"].at[slot])
@@ -470,7 +475,8 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
                 if mask.has_segments and masked else None)
       p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
                             shape=(bq, bk), query_axis=0, q_start=row0,
-                            k_start=kv_block * bk, q_seg=q_seg, kv_seg=kv_seg)
+                            k_start=kv_block * bk, q_seg=q_seg, kv_seg=kv_seg,
+                            one_sided=one_sided)
       ds = score.through_cap(p * (dp - mt.broadcast(delta, (bq, bk), 0)),
                              t).astype(dtype)
 

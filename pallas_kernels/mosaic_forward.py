@@ -51,6 +51,9 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
   q_slots = scratch["q"].shape[0]
   cta = lax.axis_index("cta")
   num_tiles = tiles.count(cta)
+  # A wide window's edge blocks compare one bound (benchmarks/NOTES.md
+  # item 31).
+  one_sided = mask.one_sided_runs(mt.CONSUMERS * bq, bk, query_major=True)
 
   def load_q(t, slot):  # Q (and its segment ids) of local tile t
     mt.load_own(refs, scratch,
@@ -76,10 +79,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     q_seg = (mt.load_vector(scratch["q_seg"].at[q_slot, wg], axis=0)
              if mask.has_segments else None)
 
-    def softmax(s, kv_block, slot, m_i, *, masked: bool, keys=None,
+    def softmax(s, kv_block, slot, m_i, *, masked, keys=None,
                 free_k=True):
       """Online softmax of one block (Algorithm 1, lines 9-10), base 2:
-      (P in float32, the new m, alpha = the rescale of O and l). `keys`:
+      (P in float32, the new m, alpha = the rescale of O and l). `masked`:
+      False, or the block's run (`mt.tile_visible`'s `run`). `keys`:
       the (offset, width) of the block's keys in S (all of them if None).
       Frees the block's K slot (if `free_k`, a bool or a predicate) once
       the mask has read its segment ids."""
@@ -92,7 +96,8 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
           kv_seg = mt.load_vector(
               mt.key_rows(scratch["kv_seg"].at[slot], keys), axis=1)
         visible = mt.tile_visible(mask, (bq, width), row0, kv_block * bk + off,
-                                  query_axis=0, q_seg=q_seg, kv_seg=kv_seg)
+                                  query_axis=0, q_seg=q_seg, kv_seg=kv_seg,
+                                  run=masked, one_sided=one_sided)
         s = jnp.where(visible, s, -jnp.inf)
       mt.when(free_k, lambda: plgpu.barrier_arrive(bars["k_free"].at[slot]))
       m_new = jnp.maximum(m_i, scaled(s.max(axis=1)))
@@ -105,7 +110,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     def ring_slot(kv_block):
       return mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
 
-    def step(kv_block, carry, *, masked: bool, keys=None, first=True,
+    def step(kv_block, carry, *, masked, keys=None, first=True,
              last=True):
       """One ping-pong step over keys [off, off + width) = `keys` of block
       kv_block (the whole block if None). `first` / `last` (bools or
@@ -158,8 +163,9 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     if split:
       sub_bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, sub)
 
-    def split_step(kv_block, carry):
-      """A masked block as bk // sub sub-steps over its keys."""
+    def split_step(kv_block, carry, masked):
+      """A masked block (of run `masked`) as bk // sub sub-steps over its
+      keys."""
       subs = bk // sub
       first_sub = kv_block * subs
       lo = jnp.maximum(sub_bounds[0], first_sub)  # the sub-steps to run
@@ -168,7 +174,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
         i = first_sub + h
         kw = dict(keys=(h * sub, sub), first=i == lo, last=i == hi - 1)
         run = jnp.logical_and(lo <= i, i < hi)
-        masked_sub = functools.partial(step, kv_block, masked=True, **kw)
+        masked_sub = functools.partial(step, kv_block, masked=masked, **kw)
         if mask.dense_blocks:  # by position alone: every row sees it?
           whole = jnp.logical_and(sub_bounds[1] <= i, i < sub_bounds[2])
           plain_sub = functools.partial(step, kv_block, masked=False, **kw)
@@ -180,12 +186,12 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
           carry = lax.cond(run, masked_sub, lambda c: c, carry)
       return carry
 
-    def block_step(kv_block, carry, *, masked: bool):
+    def block_step(kv_block, carry, *, masked):
       if masked and split:
-        return split_step(kv_block, carry)
+        return split_step(kv_block, carry, masked)
       return step(kv_block, carry, masked=masked)
 
-    def overlapped_step(kv_block, carry, *, masked: bool):
+    def overlapped_step(kv_block, carry, *, masked):
       """Block kv_block's S = Q K^T issued with the previous block's
       O += P V (the consumers take turns to issue), and this block's
       softmax run while the latter does."""

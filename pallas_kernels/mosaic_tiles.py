@@ -390,7 +390,8 @@ def broadcast(vector, shape, axis: int):
 
 
 def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
-                 query_axis: int, q_seg=None, kv_seg=None):
+                 query_axis: int, q_seg=None, kv_seg=None, run=True,
+                 one_sided: bool = False):
   """The mask rule on one [rows, cols] wgmma tile.
 
   Args:
@@ -399,6 +400,9 @@ def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
     row_start, col_start: the first query and key index of the tile, in
       the order (queries, keys).
     q_seg, kv_seg: segment-id vectors from `load_vector` (or None).
+    run: the run of `visit_runs` the tile is in ("leading", "trailing"; or
+      True: unknown); with `one_sided` (`MaskRule.one_sided_runs` holds for
+      the kernel's tiles) only the bound that cuts that run is compared.
   """
   key_axis = 1 - query_axis
   # Each query's visible keys by position are an interval [lo, hi]
@@ -412,13 +416,20 @@ def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
         jnp.int32, (shape[query_axis],), 0,
         layout=plgpu.Layout.WGMMA.reduce(key_axis)) + (row_start + mask.offset)
     lo, hi = mask.key_interval(pos)
+  check_lo, check_hi = not (isinstance(lo, int) and lo == 0), True
+  if one_sided and run in ("leading", "trailing"):
+    # Query-major leading runs (key blocks) and key-major trailing runs
+    # (query blocks) are those the window's left bound cuts.
+    cut_by_lo = (run == "leading") == (query_axis == 0)
+    check_lo, check_hi = cut_by_lo, not cut_by_lo
   key = plgpu.broadcasted_iota(jnp.int32, shape, key_axis,
                                layout=plgpu.Layout.WGMMA)
   bound = lambda b: (b - col_start if isinstance(b, int)
                      else broadcast(b - col_start, shape, query_axis))
-  visible = key <= bound(hi)
-  if not (isinstance(lo, int) and lo == 0):
-    visible = jnp.logical_and(visible, key >= bound(lo))
+  visible = key <= bound(hi) if check_hi else None
+  if check_lo:
+    above = key >= bound(lo)
+    visible = above if visible is None else jnp.logical_and(visible, above)
   if mask.has_segments:
     visible = jnp.logical_and(visible, broadcast(q_seg, shape, query_axis)
                               == broadcast(kv_seg, shape, key_axis))
@@ -554,13 +565,14 @@ def fill_ring(num_steps, stages: int, load, *, first=0):
 
 def visit_runs(bounds, loops: dict, step, carry, *, reverse: bool = False):
   """`step(block, carry, masked=...)` over the three runs of a
-  `MaskRule.key_blocks` / `query_blocks` range; `loops` says which runs can
-  be non-empty (`MaskRule.key_loops` / `query_loops`). `reverse` visits the
-  blocks from last to first."""
+  `MaskRule.key_blocks` / `query_blocks` range, masked "leading", False
+  (the middle run) and "trailing" (`tile_visible`'s `run`); `loops` says
+  which runs can be non-empty (`MaskRule.key_loops` / `query_loops`).
+  `reverse` visits the blocks from last to first."""
   start, full_start, full_end, end = bounds
-  runs = [(start, full_start, True, loops["leading"]),
+  runs = [(start, full_start, "leading", loops["leading"]),
           (full_start, full_end, False, loops["middle"]),
-          (full_end, end, True, loops["trailing"])]
+          (full_end, end, "trailing", loops["trailing"])]
   for lo, hi, masked, present in (runs[::-1] if reverse else runs):
     if not present:
       continue

@@ -84,6 +84,84 @@ def test_block_ranges_cover_exactly(block_q, block_k):
           assert tile.all(), (rule, i, j, "marked wholly visible")
 
 
+def _bounds(rule, pos):
+  """Each position's [lo, hi] visible keys, independently of key_interval."""
+  lo = np.maximum(pos - rule.window_left, 0)
+  hi = np.full_like(pos, rule.seq_len_k - 1)
+  if rule.is_causal:
+    hi = np.minimum(hi, pos)
+  if rule.window_right is not None:
+    hi = np.minimum(hi, pos + rule.window_right)
+  return lo, hi
+
+
+@pytest.mark.parametrize("query_major", [True, False])
+def test_one_sided_runs_mask_the_same(query_major):
+  """Where one_sided_runs holds, comparing each masked run's blocks against
+  one bound (the left for leading key blocks / trailing query blocks, the
+  right for the others) gives exactly the rule's visibility on every
+  element of the padded tiles that a kernel keeps."""
+  rng = random.Random(11 + query_major)
+  held = refused = 0
+  for _ in range(300):
+    t, s = rng.randint(1, 120), rng.randint(1, 120)
+    rule = MaskRule(seq_len_q=t, seq_len_k=s, is_causal=rng.random() < 0.7,
+                    offset=rng.choice([0, s - t, rng.randint(-20, 20)]),
+                    window_left=rng.randint(0, 70),
+                    window_right=rng.choice([None, rng.randint(0, 30)]))
+    block_q, block_k = rng.choice([(8, 8), (8, 16), (16, 8), (16, 16)])
+    if not rule.one_sided_runs(block_q, block_k, query_major=query_major):
+      refused += 1
+      continue
+    held += 1
+    num_q, num_k = -(-t // block_q), -(-s // block_k)
+    rows = np.arange(num_q * block_q)
+    keys = np.arange(num_k * block_k)
+    lo, hi = _bounds(rule, rows + rule.offset)
+    oracle = np.zeros((len(rows), len(keys)), bool)
+    oracle[:t, :s] = visible_matrix(rule)
+    left = keys[None, :] >= lo[:, None]    # the left bound alone
+    right = keys[None, :] <= hi[:, None]   # the right bound (and S) alone
+    # Rows past T are dropped (forward, dQ) or carry P = 0 (dK/dV).
+    real = rows < t
+    tiles = num_q if query_major else num_k
+    for tile in range(tiles):
+      if query_major:
+        start, full_start, full_end, end = rule.key_blocks(tile, block_q,
+                                                           block_k)
+        runs = [(range(start, full_start), left),
+                (range(full_end, end), right)]
+      else:
+        start, full_start, full_end, end = rule.query_blocks(tile, block_q,
+                                                             block_k)
+        runs = [(range(start, full_start), right),
+                (range(full_end, end), left)]
+      for blocks, one_bound in runs:
+        for b in blocks:
+          i, j = (tile, b) if query_major else (b, tile)
+          r = slice(i * block_q, (i + 1) * block_q)
+          c = slice(j * block_k, (j + 1) * block_k)
+          np.testing.assert_array_equal(
+              one_bound[r, c][real[r]], oracle[r, c][real[r]],
+              err_msg=f"{rule} {block_q}x{block_k} block ({i}, {j})")
+  assert held > 30 and refused > 30, (held, refused)
+
+
+def test_one_sided_runs_on_long_windows():
+  """The benchmark's window (1k at 16k) and what refuses one-sided runs."""
+  window = MaskRule(seq_len_q=16384, seq_len_k=16384, is_causal=True,
+                    window_left=1024)
+  assert window.one_sided_runs(128, 128, query_major=True)
+  assert window.one_sided_runs(128, 256, query_major=True)
+  assert window.one_sided_runs(64, 128, query_major=False)
+  narrow = dataclasses.replace(window, window_left=100)
+  assert not narrow.one_sided_runs(128, 128, query_major=True)
+  for rule in (dataclasses.replace(window, window_left=None),
+               dataclasses.replace(window, has_segments=True),
+               dataclasses.replace(window, has_mask_array=True)):
+    assert not rule.one_sided_runs(128, 128, query_major=True)
+
+
 @pytest.mark.parametrize("has_segments", [False, True])
 def test_key_and_query_ranges_are_inverses(has_segments):
   """Key tile j visits query block i exactly when i is in j's range: the

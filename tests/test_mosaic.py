@@ -104,6 +104,34 @@ def test_wide_key_tiles(shape, mask_name, hopper):
                           seed=15, implementation="mosaic")
 
 
+@pytest.mark.parametrize("shape,window,alignment,blocks", [
+    ((1, 1500, 1500, 2, 1, 128, True), (300, 0), "top_left", None),
+    ((2, 1024, 1536, 2, 1, 64, True), (400, 0), "bottom_right", None),
+    ((1, 1280, 1280, 2, 2, 128, False), (260, 100), "top_left", None),
+    ((1, 1500, 1500, 2, 1, 64, True), (500, 0), "top_left", WIDE_KEY_TILES),
+])
+def test_one_sided_edge_masks(shape, window, alignment, blocks, hopper):
+  """Windows wide enough that every kernel compares one bound in each masked
+  run (`MaskRule.one_sided_runs`, asserted here so that the case cannot
+  drift off that path): causal, bottom-right with T < S, two-sided without
+  causal, and 256-key blocks run as sub-steps."""
+  batch, t, s, _, _, head_dim, causal = shape
+  tiles = blocks or fa2_jax.default_mosaic_blocks(head_dim)
+  rule = MaskRule(seq_len_q=t, seq_len_k=s, is_causal=causal,
+                  offset=s - t if alignment == "bottom_right" else 0,
+                  window_left=window[0], window_right=window[1])
+  query_tile = mosaic_tiles.CONSUMERS * tiles.block_q
+  assert rule.one_sided_runs(query_tile, tiles.block_k, query_major=True)
+  assert rule.one_sided_runs(query_tile, tiles.block_k_dq, query_major=True)
+  assert rule.one_sided_runs(tiles.block_q_dkv,
+                             mosaic_tiles.CONSUMERS * tiles.block_k_dkv,
+                             query_major=False)
+  mask_fn = lambda b, t, s: dict(local_window_size=window,
+                                 causal_alignment=alignment)
+  check_against_reference(shape, jnp.bfloat16, False, block_sizes=blocks,
+                          mask_fn=mask_fn, seed=19, implementation="mosaic")
+
+
 @pytest.mark.parametrize("shape,mask_name,block_k", [
     ((1, 1000, 777, 4, 2, 128, False), None, 128),
     ((2, 300, 260, 4, 2, 64, True), None, 128),
