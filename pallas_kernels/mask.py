@@ -181,14 +181,12 @@ class MaskRule:
       bool, broadcastable to the indices' broadcast shape (terms that do not
       involve q_idx are not broadcast over it): True where the query attends.
     """
-    ok = k_idx < self.seq_len_k
-    pos = q_idx + self.offset
-    if self.is_causal:
-      ok = jnp.logical_and(ok, k_idx <= pos)
-    if self.window_left is not None:
-      ok = jnp.logical_and(ok, k_idx >= pos - self.window_left)
-    if self.window_right is not None:
-      ok = jnp.logical_and(ok, k_idx <= pos + self.window_right)
+    # By position: the query's key interval, the one rule every kernel
+    # compares against (`key_interval`).
+    lo, hi = self.key_interval(q_idx + self.offset)
+    ok = k_idx <= hi
+    if not (_is_int(lo) and lo == 0):
+      ok = jnp.logical_and(ok, k_idx >= lo)
     if self.has_segments:
       ok = jnp.logical_and(ok, q_segment == kv_segment)
     if self.has_mask_array:
