@@ -50,6 +50,31 @@ def _select(cond, a, b):
   return (a if cond else b) if _is_int(a, b) else jnp.where(cond, a, b)
 
 
+def unbounded_below(lo):
+  """Whether a `key_interval` lower bound is the int 0, which no key index
+  falls below (so it need not be compared)."""
+  return isinstance(lo, int) and lo == 0
+
+
+def within(key, lo=None, hi=None):
+  """lo <= key <= hi, comparing only the bounds given (at least one):
+  `MaskRule.key_interval`'s, or those made relative to a tile."""
+  below = None if hi is None else key <= hi
+  above = None if lo is None else key >= lo
+  if above is None or below is None:
+    return below if above is None else above
+  return jnp.logical_and(below, above)
+
+
+def run_bound(run: str, *, query_major: bool) -> str:
+  """The one position bound that cuts the blocks of masked run `run`
+  ("leading" or "trailing") where `MaskRule.one_sided_runs` holds: "lo"
+  (the window's left) for the leading key blocks (query_major: the band's
+  far edge) and the trailing query blocks, "hi" (causal, window right, S)
+  for the others (the diagonal)."""
+  return "lo" if (run == "leading") == query_major else "hi"
+
+
 def _clamp(x, lo, hi):
   return _min(_max(x, lo), hi)
 
@@ -184,9 +209,7 @@ class MaskRule:
     # By position: the query's key interval, the one rule every kernel
     # compares against (`key_interval`).
     lo, hi = self.key_interval(q_idx + self.offset)
-    ok = k_idx <= hi
-    if not (_is_int(lo) and lo == 0):
-      ok = jnp.logical_and(ok, k_idx >= lo)
+    ok = within(k_idx, None if unbounded_below(lo) else lo, hi)
     if self.has_segments:
       ok = jnp.logical_and(ok, q_segment == kv_segment)
     if self.has_mask_array:
@@ -280,8 +303,8 @@ class MaskRule:
     window's left bound and the trailing run's by the right one (causal or
     window right, and S); in `query_blocks` the leading run's query blocks
     by the right bound and the trailing run's by the left one. Then a
-    masked block needs one compare per element, not two
-    (`mosaic_tiles.tile_visible`'s `run`): the same visibility, checked on
+    masked block needs one compare per element, not two (`run_bound`
+    names it; `mosaic_tiles.tile_visible`): the same visibility, checked on
     every tile's bounds (Python ints), so that a narrow window or a partial
     last key block simply answers False. Never with segment ids or a mask
     array (their runs are not the position runs)."""

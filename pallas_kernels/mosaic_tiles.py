@@ -23,7 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mask import (MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT,
-                                 segment_block_ranges)
+                                 run_bound, segment_block_ranges,
+                                 unbounded_below, within)
 
 CONSUMERS = 2    # compute warpgroups per CTA
 HEAD_DIMS = (64, 128, 256)
@@ -416,20 +417,16 @@ def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
         jnp.int32, (shape[query_axis],), 0,
         layout=plgpu.Layout.WGMMA.reduce(key_axis)) + (row_start + mask.offset)
     lo, hi = mask.key_interval(pos)
-  check_lo, check_hi = not (isinstance(lo, int) and lo == 0), True
+  sides = {"hi"} if unbounded_below(lo) else {"lo", "hi"}
   if one_sided and run in ("leading", "trailing"):
-    # Query-major leading runs (key blocks) and key-major trailing runs
-    # (query blocks) are those the window's left bound cuts.
-    cut_by_lo = (run == "leading") == (query_axis == 0)
-    check_lo, check_hi = cut_by_lo, not cut_by_lo
+    sides = {run_bound(run, query_major=query_axis == 0)}
   key = plgpu.broadcasted_iota(jnp.int32, shape, key_axis,
                                layout=plgpu.Layout.WGMMA)
   bound = lambda b: (b - col_start if isinstance(b, int)
                      else broadcast(b - col_start, shape, query_axis))
-  visible = key <= bound(hi) if check_hi else None
-  if check_lo:
-    above = key >= bound(lo)
-    visible = above if visible is None else jnp.logical_and(visible, above)
+  hi_key = bound(hi) if "hi" in sides else None
+  lo_key = bound(lo) if "lo" in sides else None
+  visible = within(key, lo_key, hi_key)
   if mask.has_segments:
     visible = jnp.logical_and(visible, broadcast(q_seg, shape, query_axis)
                               == broadcast(kv_seg, shape, key_axis))
