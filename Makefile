@@ -5,7 +5,8 @@
 # Python 3.12: from PATH if it runs, else pyenv's 3.12 (which this machine has).
 PYTHON ?= $(shell for p in python3.12 "$$(pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12" "$$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12.*/bin/python3.12 2>/dev/null | tail -1)"; do "$$p" --version >/dev/null 2>&1 && { echo "$$p"; break; }; done)
 VENV ?= .venv
-PYTEST_ARGS ?=
+# pytest-xdist workers: one per core, at most 4 (each holds its own JAX).
+PYTEST_ARGS ?= -n $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: demo test install
 
