@@ -100,10 +100,37 @@ def _run(static: Launch, *arrays):
   return tuple(static.fn(dict(zip(static.names, arrays)), static.config))
 
 
+class _Traced:
+  """A launch traced at its global shapes: its jaxpr, whose constants (the
+  arrays the kernels build while tracing, e.g. a persistent kernel's
+  schedule) come after the launch's arrays as operands, since
+  custom_partitioning takes no function that closes over arrays. Hashed by
+  identity (a static argument)."""
+
+  def __init__(self, static: Launch, arrays):
+    self.static = static
+    closed = jax.make_jaxpr(functools.partial(_run, static))(*arrays)
+    self.jaxpr, self.consts = closed.jaxpr, closed.consts
+
+
+def _run_traced(traced: _Traced, *operands):
+  """The launch on one device (no partitioning): its traced jaxpr."""
+  arrays = operands[:len(traced.static.names)]
+  consts = operands[len(traced.static.names):]
+  return tuple(jax.core.eval_jaxpr(traced.jaxpr, consts, *arrays))
+
+
+def _roles_of_operands(static: Launch, shapes) -> tuple:
+  """The roles of every operand: the launch's arrays', then its hoisted
+  constants' (replicated)."""
+  extra = shapes[len(static.names):]
+  return static.roles + tuple((None,) * len(x.shape) for x in extra)
+
+
 @functools.lru_cache(maxsize=None)
 def _entry(static: Launch):
   """The launch as custom_vmap(custom_partitioning(fn))."""
-  partitioned = custom_partitioning(_run, static_argnums=(0,))
+  partitioned = custom_partitioning(_run_traced, static_argnums=(0,))
   partitioned.def_partition(
       partition=_partition, infer_sharding_from_operands=_infer,
       sharding_rule=_sharding_rule)
@@ -113,7 +140,8 @@ def _entry(static: Launch):
     mesh = _explicit_mesh(arrays)
     if mesh is not None:
       return _explicit(static, mesh, arrays)
-    return partitioned(static, *arrays)
+    traced = _Traced(static, arrays)
+    return partitioned(traced, *arrays, *traced.consts)
 
   @call.def_vmap
   def _vmap(axis_size, in_batched, *arrays):
@@ -181,10 +209,11 @@ def _reshard(x, mesh, spec: P):
   return jax.sharding.reshard(x, NamedSharding(mesh, spec))
 
 
-def _sharding_rule(static: Launch, mesh, operand_types, result_types):
+def _sharding_rule(traced: _Traced, mesh, operand_types, result_types):
   """The Shardy rule: b and (k g) pass through, every other axis stays
   replicated."""
-  del mesh, operand_types, result_types
+  del mesh, result_types
+  static = traced.static
   kv_heads = static.kv_heads
   other = []
 
@@ -203,7 +232,7 @@ def _sharding_rule(static: Launch, mesh, operand_types, result_types):
         " ".join(factor(r, f"{prefix}{i}") for r in roles_)
         for i, roles_ in enumerate(roles))
 
-  rule = (f"{mapping(static.roles, 'i')} -> "
+  rule = (f"{mapping(_roles_of_operands(static, operand_types), 'i')} -> "
           f"{mapping(static.out_roles, 'o')}")
   sizes = dict(g=static.groups) if static.groups > 1 and kv_heads > 1 else {}
   return rule, dict(need_replication_factors=tuple(other), **sizes)
@@ -254,26 +283,31 @@ def _plan(static: Launch, mesh, arg_shapes) -> _Plan:
   return _Plan(batch_axes=batch_axes)
 
 
-def _partition(static: Launch, mesh, arg_shapes, result_shape):
+def _partition(traced: _Traced, mesh, arg_shapes, result_shape):
+  """Each device runs the launch traced anew at its shard's shapes (with
+  its own constants: the hoisted ones are for the global shapes)."""
   del result_shape
+  static = traced.static
   plan = _plan(static, mesh, arg_shapes)
   arg_shardings = tuple(NamedSharding(mesh, plan.spec(r))
-                        for r in static.roles)
+                        for r in _roles_of_operands(static, arg_shapes))
   out_shardings = tuple(NamedSharding(mesh, plan.spec(r))
                         for r in static.out_roles)
   lower = functools.partial(_local, static, plan)
   return mesh, lower, out_shardings, arg_shardings
 
 
-def _infer(static: Launch, mesh, arg_shapes, result_shape):
+def _infer(traced: _Traced, mesh, arg_shapes, result_shape):
   """Output shardings for the GSPMD partitioner (Shardy uses the rule)."""
   del result_shape
+  static = traced.static
   plan = _plan(static, mesh, arg_shapes)
   return tuple(NamedSharding(mesh, plan.spec(r)) for r in static.out_roles)
 
 
 def _local(static: Launch, plan: _Plan, *arrays):
-  """The launch on one device's shard (traced with the mesh axes bound)."""
+  """The launch on one device's shard (traced with the mesh axes bound;
+  operands past the launch's arrays, hoisted constants, are not used)."""
   named = dict(zip(static.names, arrays))
   local_batch, _, local_heads, _ = named["q"].shape
   dropout = static.config.dropout
