@@ -353,8 +353,10 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
   # The fused dQ visits every block of the position range (_query_blocks).
   names += ["seg_range"] if mask.has_segments and not split else []
+  names += tiles.input_names()
   outs = ["dk", "dv"] + (["dq"] if split else [])
   refs, scratch = mt.named_refs(args, names + outs)
+  tiles = tiles.bind(refs)
   sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
           if split else None)
   common = dict(mask=mask, blocks=blocks, group=group, split=split,
@@ -581,7 +583,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
       grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(
           *inputs, *mt.segment_ranges(
               () if split else segments, blocks.block_q_dkv,
-              mt.CONSUMERS * blocks.block_k_dkv, query_major=False))
+              mt.CONSUMERS * blocks.block_k_dkv, query_major=False),
+          *dkdv_tiles.inputs())
   dk, dv = outs[:2]
   if split:
     dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,

@@ -296,6 +296,7 @@ def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
             group: int, tiles: mt.Tiles):
   names = ["q", "k", "v"] + (["q_seg", "kv_seg", "seg_range"]
                              if mask.has_segments else [])
+  names += tiles.input_names()
   mt.query_major_kernel(
       args, names + ["out", "lse"],
       functools.partial(_consumer, mask=mask, score=score, blocks=blocks),
@@ -375,5 +376,5 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       num_threads=mt.CONSUMERS + 1,
       thread_name="wg",
       compiler_params=mt.compiler_params(),
-  )(*inputs)
+  )(*inputs, *tiles.inputs())
   return out[:, :seq_len_q, :, :head_dim], lse[:, :, :seq_len_q]

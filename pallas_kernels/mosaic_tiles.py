@@ -14,14 +14,15 @@ true S); padded query rows are computed and dropped.
 """
 import dataclasses
 import functools
-import heapq
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
 
+from pallas_kernels import schedule
 from pallas_kernels.mask import (MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT,
                                  run_bound, segment_block_ranges,
                                  unbounded_below, within)
@@ -73,9 +74,9 @@ class MosaicBlocks:
     loops over its tiles, loading the next tile's Q (dK/dV: K and V) while
     it finishes the current one. Takes effect where two such slots and the
     ring fit in shared memory (head_dim <= 128 with 2 stages) and
-    `Tiles.make` finds the static split balanced (not a causal mask over
-    long sequences; for dK/dV, key tiles of at most 64 steps and no fused
-    dQ); otherwise one CTA per tile.
+    `Tiles.make` takes a static schedule (not a causal mask over long
+    sequences; for dK/dV, key tiles of at most 64 steps and no fused dQ);
+    otherwise one CTA per tile.
   """
   block_q: int = 64
   block_k: int = 128
@@ -142,17 +143,11 @@ def num_sms() -> int:
     return DEFAULT_SMS
 
 
-# A persistent grid is used only where its static share of the tiles leaves
-# its busiest CTA at most this much more work than the hardware's dynamic
-# order of one CTA per tile would give its busiest SM (`Tiles.makespan`);
-# otherwise (a causal mask over many query tiles) one CTA per tile lets the
-# hardware balance them.
-MAX_IMBALANCE = 1.05
-# ... and, where tiles differ in length (causal), only while they average
-# at most this many key blocks: longer tiles amortize a CTA's fixed cost
-# anyway, and the hardware's dynamic order balanced them better (16k causal
-# at head_dim 64: 450 TFLOP/s one CTA per tile, 426 persistent on an H100;
-# benchmarks/NOTES.md item 16).
+# Where tiles differ in length (causal), a persistent grid is used only
+# while they average at most this many key blocks: longer tiles amortize a
+# CTA's fixed cost anyway, and the hardware's dynamic order balances them
+# by their true times (16k causal at head_dim 64: 450 TFLOP/s one CTA per
+# tile, 426 persistent on an H100; benchmarks/NOTES.md item 16).
 MAX_MEAN_COST_VARIED = 32
 
 
@@ -172,15 +167,18 @@ class Tiles:
   (`last_first`: the last query tile sees the most keys under a causal
   mask; the first key tile is seen by the most queries), so the tiles that
   read the same K and V (or Q and dO) run together. With one CTA per tile
-  the hardware schedules them in that order; with fewer (persistent), CTA c
-  takes position c of every wave of `num_ctas` tiles, reversed on odd waves
-  so that the waves' heavy and light tiles even out.
+  (`lists` None) the hardware schedules them in that order; with fewer
+  (persistent), CTA c runs the items of `lists[c]` (`schedule.balanced`),
+  which the kernel reads from its "schedule" input (`inputs`, `bind`).
   """
   num_tiles: int
   num_heads: int
   batch: int
   num_ctas: int
   last_first: bool = True
+  lists: tuple | None = None
+  # The "schedule" input's ref, inside the kernel (`bind`).
+  ref: object = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
   def make(cls, costs, num_heads: int, batch: int, *, persistent: bool,
@@ -193,12 +191,8 @@ class Tiles:
       return one_per_tile
     if max(costs) > min(costs) and sum(costs) > MAX_MEAN_COST_VARIED * num:
       return one_per_tile
-    tiles = cls(num, num_heads, batch, sms, last_first)
-    work = tiles.work_per_cta(costs)
-    limit = MAX_IMBALANCE * sum(work) / len(work)
-    if max(work) > limit:  # the makespan is at least the mean: only then
-      limit = MAX_IMBALANCE * one_per_tile.makespan(costs, sms)
-    return tiles if max(work) <= limit else one_per_tile
+    lists = schedule.balanced(one_per_tile.item_costs(costs), sms)
+    return cls(num, num_heads, batch, sms, last_first, lists)
 
   @classmethod
   def one_per_tile(cls, num_tiles: int, num_heads: int, batch: int, *,
@@ -213,7 +207,7 @@ class Tiles:
   @property
   def persistent(self) -> bool:
     """Whether some CTA runs more than one tile."""
-    return self.num_ctas < self.total
+    return self.lists is not None
 
   def _tile(self, index_in_head):
     """The tile at a position within its head's run (ints or int32)."""
@@ -221,50 +215,62 @@ class Tiles:
       return self.num_tiles - 1 - index_in_head
     return index_in_head
 
-  def work_per_cta(self, costs) -> list:
-    """The summed costs of each CTA's tiles (Python ints, for planning)."""
-    work = [0] * self.num_ctas
-    for flat in range(self.total):
-      wave, pos = divmod(flat, self.num_ctas)
-      cta = pos if wave % 2 == 0 else self.num_ctas - 1 - pos
-      work[cta] += costs[self._tile(flat % self.num_tiles)]
-    return work
+  def item_costs(self, costs) -> list:
+    """The cost of each item, in order, from each tile's (Python ints)."""
+    return [costs[self._tile(flat % self.num_tiles)]
+            for flat in range(self.total)]
 
-  def makespan(self, costs, num_sms: int) -> int:
-    """The busiest SM's work when `num_sms` SMs take this grid's tiles in
-    order, each the next one as it finishes (one CTA per tile: how the
-    hardware schedules them; Python ints). Its last wave is as uneven as a
-    static split's, so this, not the mean, is what that split must match."""
-    finish = [0] * num_sms
-    for flat in range(self.total):
-      heapq.heapreplace(finish,
-                        finish[0] + costs[self._tile(flat % self.num_tiles)])
-    return max(finish)
+  def table(self):
+    """The "schedule" input: [num_ctas, 2 + most items] int32, row c
+    holding CTA c's item count, then its items (flat indices), then zeros
+    (so that the entry after the last one can be read too)."""
+    width = 2 + max(map(len, self.lists))
+    return np.array([[len(items), *items] + [0] * (width - 1 - len(items))
+                     for items in self.lists], np.int32)
 
-  def _position(self, cta, wave):
-    """CTA `cta`'s position in a wave (snake order)."""
-    return jnp.where(lax.rem(wave, _i32(2)) == 0, cta,
-                     self.num_ctas - 1 - cta)
+  def input_names(self) -> list:
+    return ["schedule"] if self.persistent else []
+
+  def inputs(self) -> tuple:
+    return (jnp.asarray(self.table()),) if self.persistent else ()
+
+  def bind(self, refs) -> "Tiles":
+    """These tiles reading the kernel's "schedule" input from refs."""
+    if not self.persistent:
+      return self
+    return dataclasses.replace(self, ref=refs["schedule"])
 
   def count(self, cta):
     """How many tiles CTA `cta` runs (an int32 scalar)."""
-    full, rest = divmod(self.total, self.num_ctas)
-    return full + (self._position(cta, _i32(full)) < rest).astype(jnp.int32)
+    return self.ref[cta, 0] if self.persistent else _i32(1)
 
-  def at(self, cta, t):
-    """(tile, head, batch) of CTA `cta`'s local tile t (int32 scalars)."""
-    flat = t * self.num_ctas + self._position(cta, t)
+  def _coords(self, flat):
+    """(tile, head, batch) of the item at flat index `flat` (int32)."""
     head_batch = lax.div(flat, _i32(self.num_tiles))
     return (self._tile(lax.rem(flat, _i32(self.num_tiles))),
             lax.rem(head_batch, _i32(self.num_heads)),
             lax.div(head_batch, _i32(self.num_heads)))
 
+  def at(self, cta, t):
+    """(tile, head, batch) of CTA `cta`'s local tile t (int32 scalars)."""
+    return self._coords(self.ref[cta, t + 1] if self.persistent else cta)
+
   def loop(self, body, carry):
     """carry = body(t, (tile, head, batch), carry) over this CTA's tiles
-    (inside a kernel with grid axis "cta")."""
+    (inside a kernel with grid axis "cta"); each tile's entry of the
+    schedule is read one tile ahead."""
     cta = lax.axis_index("cta")
-    return lax.fori_loop(0, self.count(cta),
-                         lambda t, c: body(t, self.at(cta, t), c), carry)
+    if not self.persistent:
+      return lax.fori_loop(0, 1, lambda t, c: body(t, self.at(cta, t), c),
+                           carry)
+
+    def step(t, state):
+      carry, flat = state
+      upcoming = self.ref[cta, t + 2]
+      return body(t, self._coords(flat), carry), upcoming
+
+    return lax.fori_loop(0, self.count(cta), step,
+                         (carry, self.ref[cta, 1]))[0]
 
 
 def _i32(n):
@@ -681,6 +687,7 @@ def query_major_kernel(args, names, consumer, *, mask: MaskRule,
   tiles (`Tiles.loop`), and the producer streams K and V
   (`kv_producer`). `names`: the refs in order."""
   refs, scratch = named_refs(args, names)
+  tiles = tiles.bind(refs)
   warp_specialize(
       lambda wg: consumer(wg, refs, scratch, tiles=tiles),
       lambda: kv_producer(refs, scratch, mask=mask, block_q=blocks.block_q,

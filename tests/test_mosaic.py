@@ -16,7 +16,7 @@ import pytest
 
 import fa2_jax
 from fa2_jax import backends
-from pallas_kernels import mosaic_backward, mosaic_tiles
+from pallas_kernels import mosaic_backward, mosaic_tiles, schedule
 from pallas_kernels.mask import MaskRule
 from tests import numerics, test_mask
 from tests.test_numerics import SHAPES, check_against_reference
@@ -197,62 +197,61 @@ def test_combined_variants(hopper):
 
 
 @pytest.mark.parametrize("last_first", [True, False])
-@pytest.mark.parametrize("grid", [(5, 3, 2, 7), (4, 2, 1, 8), (3, 1, 1, 3),
+@pytest.mark.parametrize("grid", [(5, 3, 2, 7), (4, 2, 1, 3), (3, 1, 1, 3),
                                   (128, 16, 1, 132), (8, 16, 16, 132)])
-def test_persistent_schedule(grid, last_first):
+def test_persistent_schedule(grid, last_first, monkeypatch):
   """Every (tile, head, batch) runs exactly once, each CTA's tiles of a head
-  heaviest first (causal: the last query tile, the first key tile);
-  `work_per_cta` agrees with the kernel's walk."""
-  tiles = mosaic_tiles.Tiles(*grid, last_first=last_first)
-  n = tiles.num_tiles
-  costs = [i + 1 if last_first else n - i for i in range(n)]  # causal
+  heaviest first (causal: the last query tile, the first key tile), and
+  the kernel's walk of the "schedule" table is the planned lists."""
+  num_tiles, heads, batch, sms = grid
+  monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: sms)
+  monkeypatch.setattr(mosaic_tiles, "MAX_MEAN_COST_VARIED", 10**9)
+  costs = [i + 1 if last_first else num_tiles - i for i in range(num_tiles)]
+  tiles = mosaic_tiles.Tiles.make(costs, heads, batch, persistent=True,
+                                  last_first=last_first)
+  assert tiles.persistent == (num_tiles * heads * batch > sms)
+  kernel_tiles = tiles.bind({"schedule": tiles.table()
+                             if tiles.persistent else None})
   seen, work = [], []
   for cta in range(tiles.num_ctas):
-    mine = [tuple(int(x) for x in tiles.at(jnp.int32(cta), jnp.int32(t)))
-            for t in range(int(tiles.count(jnp.int32(cta))))]
+    mine = [tuple(int(x) for x in kernel_tiles.at(jnp.int32(cta),
+                                                  jnp.int32(t)))
+            for t in range(int(kernel_tiles.count(jnp.int32(cta))))]
     for head_batch in set((h, b) for _, h, b in mine):
       mine_costs = [costs[i] for i, h, b in mine if (h, b) == head_batch]
       assert mine_costs == sorted(mine_costs, reverse=True)
     seen += mine
     work.append(sum(costs[i] for i, _, _ in mine))
   assert sorted(seen) == sorted(itertools.product(*map(range, grid[:3])))
-  assert work == tiles.work_per_cta(costs)
+  if tiles.persistent:
+    item_costs = tiles.item_costs(costs)
+    assert work == [sum(item_costs[i] for i in items) for items in tiles.lists]
 
 
 @pytest.mark.parametrize("costs,heads,persistent", [
     ([1] * 8, 256, True),  # 1k
     ([9] * 128, 16, True),  # a band
-    # A 1k window at 16k: 6.4% over the mean, as the hardware's order is.
-    ([min(i + 1, 9) for i in range(128)], 16, True),
+    ([min(i + 1, 9) for i in range(128)], 16, True),  # a 1k window at 16k
     (list(range(1, 9)), 256, True),  # 1k causal
     (list(range(1, 33)), 64, True),  # 4k causal
     (list(range(1, 129)), 16, False),  # 16k causal: the hardware balances
-    (list(range(1, 129)), 32, False),  # balanced, but long tiles
+    (list(range(1, 129)), 32, False),  # long tiles
     ([1] * 8, 16, False),  # fewer tiles than SMs
 ])
 def test_persistent_when_balanced(costs, heads, persistent, monkeypatch):
+  """Where persistent, the busiest CTA (tiles costed with their fixed part)
+  is less than one tile past the mean, and no busier than in the snake
+  order."""
   monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 132)
   tiles = mosaic_tiles.Tiles.make(costs, heads, 1, persistent=True)
   assert tiles.persistent == persistent
   if persistent:
-    work = tiles.work_per_cta(costs)
-    dynamic = mosaic_tiles.Tiles.one_per_tile(len(costs), heads, 1)
-    assert max(work) <= mosaic_tiles.MAX_IMBALANCE * dynamic.makespan(
-        costs, 132)
-
-
-@pytest.mark.parametrize("costs,heads,sms,makespan", [
-    ([3] * 10, 1, 4, 9),  # three waves of equal tiles
-    # Taken last tile first: the long tile last waits for two SMs' ones...
-    ([5, 1, 1, 1, 1, 1], 1, 2, 7),
-    # ... or goes first, the others beside it.
-    ([1, 1, 1, 1, 1, 5], 1, 2, 5),
-    ([2, 1], 3, 2, 5),  # (2, 1) per head, 6 tiles on 2 SMs
-])
-def test_makespan_of_the_hardware_order(costs, heads, sms, makespan):
-  """One CTA per tile: each SM takes the next tile as it finishes."""
-  tiles = mosaic_tiles.Tiles.one_per_tile(len(costs), heads, 1)
-  assert tiles.makespan(costs, sms) == makespan
+    item_costs = [c + schedule.TILE_FIXED_COST
+                  for c in tiles.item_costs(costs)]
+    busiest = schedule.makespan(tiles.lists, item_costs)
+    assert busiest < sum(item_costs) / 132 + max(item_costs)
+    assert busiest <= schedule.makespan(
+        schedule.snake(len(item_costs), 132), item_costs)
 
 
 def test_key_tiles_heaviest_first():
@@ -269,9 +268,8 @@ def test_key_tiles_heaviest_first():
 @pytest.fixture
 def few_sms(monkeypatch):
   """The persistent forward and dK/dV kernels on 3 CTAs, so that each runs
-  several tiles (balanced or not)."""
+  several tiles."""
   monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 3)
-  monkeypatch.setattr(mosaic_tiles, "MAX_IMBALANCE", float("inf"))
   monkeypatch.setattr(mosaic_tiles, "MAX_MEAN_COST_VARIED", 10**9)
   jax.clear_caches()
   yield
