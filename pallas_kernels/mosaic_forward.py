@@ -266,11 +266,13 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
         pl.when(end == start)(next_q)  # a tile with no step
 
     # One final rescale (line 12); rows that saw no key output 0, lse -inf.
-    # O is staged in this tile's Q slot.
+    # O is staged in this tile's Q slot. One reciprocal per row, not a
+    # division per element (benchmarks/NOTES.md item 38).
     acc, m_i, l_i = carry
     empty = l_i == 0.0
     l_safe = jnp.where(empty, 1.0, l_i)
-    q_smem[...] = (acc / mt.broadcast(l_safe, acc.shape, 0)).astype(dtype)
+    q_smem[...] = (acc * mt.broadcast(1.0 / l_safe, acc.shape, 0)
+                   ).astype(dtype)
     lse_smem = scratch["lse"].at[wg]
     lse_smem[...] = jnp.where(empty, -jnp.inf,
                               (m_i + jnp.log2(l_safe)) * LN2)
