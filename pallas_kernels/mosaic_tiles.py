@@ -108,8 +108,16 @@ class MosaicBlocks:
                        f"{self.fused_dq!r}")
 
 
-def default_mosaic_blocks(head_dim: int, *,
-                          masked: bool = True) -> MosaicBlocks:
+# At head_dim 128 the forward's ping-pong runs on across tiles only under a
+# local window at most this wide (`MaskRule.key_span`): its tiles are short
+# (at most 17 key blocks), and restarting at each one cost 2-4% there (16k,
+# window 1k: 0.261 / 0.267 ms against 0.257 / 0.256; benchmarks/NOTES.md
+# item 39), while unmasked 4k tiles were 1-2% slower running on (item 28).
+PINGPONG_ACROSS_KEY_SPAN = 2048
+
+
+def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
+                          key_span: int | None = None) -> MosaicBlocks:
   """The Hopper tiles for a head_dim (swept on an H100,
   benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
   shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV
@@ -118,16 +126,23 @@ def default_mosaic_blocks(head_dim: int, *,
   `MaskRule.cuts_many_blocks`), 256-key forward tiles (+3-4% at 1k-16k
   without a mask, +1-3% causal from 4k on; a causal diagonal over 1k
   tokens wastes more of them: 268 vs 303 TFLOP/s; benchmarks/NOTES.md
-  items 18 and 21), and the ping-pong running on across tiles (item 28)."""
+  items 18 and 21), and the ping-pong running on across tiles (item 28),
+  as at 128 under a window of at most `PINGPONG_ACROSS_KEY_SPAN` keys
+  (`key_span`: the most keys a query row can see, `MaskRule.key_span`;
+  None when unbounded)."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
+  if key_span is not None and (isinstance(key_span, bool)
+                               or not isinstance(key_span, int)):
+    raise TypeError(f"key_span must be an int or None, got {key_span!r}")
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
                         block_q_dkv=64, block_k_dkv=64, stages=2)
   if head_dim <= 64:
     return MosaicBlocks(block_q_dkv=128, block_k=128 if masked else 256,
                         pingpong_across_tiles=True)
-  return MosaicBlocks()
+  return MosaicBlocks(pingpong_across_tiles=key_span is not None
+                      and key_span <= PINGPONG_ACROSS_KEY_SPAN)
 
 
 # Streaming multiprocessors assumed when no GPU is visible (an H100 SXM), as

@@ -264,6 +264,27 @@ def test_default_mosaic_key_tiles(seq_len, kwargs, block_k):
   assert config.mosaic_blocks.block_k_dq == 128
 
 
+@pytest.mark.parametrize("head_dim,kwargs,across", [
+    (64, dict(is_causal=True), True),
+    (128, dict(is_causal=True), False),
+    (128, dict(), False),
+    (128, dict(is_causal=True, local_window_size=(1024, 0)), True),
+    (128, dict(local_window_size=(1024, 1024)), False),  # 2049 keys
+    (128, dict(local_window_size=(1024, 1024), is_causal=True), True),
+    (128, dict(local_window_size=(2047, 0)), True),  # 2048 keys
+])
+def test_default_pingpong_across_tiles(head_dim, kwargs, across):
+  """The forward's ping-pong runs on across tiles at head_dim 64, and at
+  128 where a window of at most 2048 keys keeps the tiles short."""
+  x = jax.ShapeDtypeStruct((1, 4096, 2, head_dim), jnp.float32)
+  r = rules.build_rules(validation.check_qkv(x, x, x), **kwargs)
+  config = attention.kernel_config(r.mask, r.score, r.dropout, "mosaic",
+                                   False, head_dim, jnp.bfloat16)
+  assert config.mosaic_blocks.pingpong_across_tiles == across
+
+
 def test_default_mosaic_blocks_validation():
   with pytest.raises(TypeError, match="masked must be a bool, got 1"):
     fa2_jax.default_mosaic_blocks(64, masked=1)
+  with pytest.raises(TypeError, match="key_span must be an int or None"):
+    fa2_jax.default_mosaic_blocks(128, key_span=1.5)
