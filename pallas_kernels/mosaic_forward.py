@@ -314,6 +314,16 @@ def _fits_two_q_slots(blocks: mt.MosaicBlocks, head_dim: int, dtype) -> bool:
   return 2 * q_tile + ring <= mt.PERSISTENT_SMEM
 
 
+def _max_mean_varied(head_dim: int):
+  """The longest mean tile (key blocks) at which the forward's tiles of
+  varied lengths (causal) still run persistent: any at head_dim 64, where
+  the balanced schedule beat the hardware's order at 16k (506-508 against
+  477-499 TFLOP/s); at 128 up to 8k tokens (mean 32.5 blocks: 621-623
+  against 597-607), not 16k (64.5 blocks: 589-614 against 616-640;
+  benchmarks/NOTES.md item 40)."""
+  return float("inf") if head_dim <= 64 else 64
+
+
 def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype,
              q_slots: int):
   bq = blocks.block_q
@@ -362,7 +372,8 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       mt.tile_costs(lambda i: mask.key_blocks(i, rows_per_cta,
                                               blocks.block_k),
                     tp // rows_per_cta), num_heads, batch,
-      persistent=blocks.persistent and _fits_two_q_slots(blocks, hp, q.dtype))
+      persistent=blocks.persistent and _fits_two_q_slots(blocks, hp, q.dtype),
+      max_mean_varied=_max_mean_varied(hp))
   # A CTA with several tiles loads the next one's Q during this one.
   q_slots = 2 if tiles.persistent else 1
   kernel = functools.partial(

@@ -74,9 +74,10 @@ class MosaicBlocks:
     loops over its tiles, loading the next tile's Q (dK/dV: K and V) while
     it finishes the current one. Takes effect where two such slots and the
     ring fit in shared memory (head_dim <= 128 with 2 stages) and
-    `Tiles.make` takes a static schedule (not a causal mask over long
-    sequences; for dK/dV, key tiles of at most 64 steps and no fused dQ);
-    otherwise one CTA per tile.
+    `Tiles.make` takes a static schedule (the forward: not a causal mask
+    over 16k tokens at head_dim 128; dK/dV: key tiles averaging at most 64
+    steps, 32 where they differ in length, and no fused dQ); otherwise one
+    CTA per tile.
   """
   block_q: int = 64
   block_k: int = 128
@@ -162,7 +163,8 @@ def num_sms() -> int:
 # while they average at most this many key blocks: longer tiles amortize a
 # CTA's fixed cost anyway, and the hardware's dynamic order balances them
 # by their true times (16k causal at head_dim 64: 450 TFLOP/s one CTA per
-# tile, 426 persistent on an H100; benchmarks/NOTES.md item 16).
+# tile, 426 persistent on an H100 with an older split; benchmarks/NOTES.md
+# item 16). The forward sets its own (`mosaic_forward._max_mean_varied`).
 MAX_MEAN_COST_VARIED = 32
 
 
@@ -197,14 +199,17 @@ class Tiles:
 
   @classmethod
   def make(cls, costs, num_heads: int, batch: int, *, persistent: bool,
-           last_first: bool = True) -> "Tiles":
-    """costs[i]: the blocks tile i visits (its work)."""
+           last_first: bool = True, max_mean_varied=None) -> "Tiles":
+    """costs[i]: the blocks tile i visits (its work); `max_mean_varied`
+    (if not None) replaces `MAX_MEAN_COST_VARIED`."""
     num, sms = len(costs), num_sms()
+    limit = (MAX_MEAN_COST_VARIED if max_mean_varied is None
+             else max_mean_varied)
     one_per_tile = cls.one_per_tile(num, num_heads, batch,
                                     last_first=last_first)
     if not persistent or one_per_tile.total <= sms:
       return one_per_tile
-    if max(costs) > min(costs) and sum(costs) > MAX_MEAN_COST_VARIED * num:
+    if max(costs) > min(costs) and sum(costs) > limit * num:
       return one_per_tile
     lists = schedule.balanced(one_per_tile.item_costs(costs), sms)
     return cls(num, num_heads, batch, sms, last_first, lists)

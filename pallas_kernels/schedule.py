@@ -21,6 +21,7 @@ snake order and 1% with the swaps.
 Each CTA runs its items in the given order. Costs are Python ints (blocks a
 tile visits); every item also pays `TILE_FIXED_COST`.
 """
+import bisect
 
 # What a tile costs beside its blocks, in blocks: its start (the ping-pong's
 # ramp, the first loads) and end (the output's rescale and store). Measured
@@ -47,34 +48,41 @@ def makespan(lists, costs) -> int:
 def _rebalance(lists, costs):
   """The local search of step 2, in place."""
   loads = [sum(costs[i] for i in items) for items in lists]
-  # Per CTA, cost -> its items of that cost (candidates are one per cost).
+  # Per CTA, its items' distinct costs (sorted) and cost -> those items.
   by_cost = [{} for _ in lists]
   for cta, items in enumerate(lists):
     for i in items:
       by_cost[cta].setdefault(costs[i], []).append(i)
+  sorted_costs = [sorted(c) for c in by_cost]
 
   def move(item, src, dst):
+    cost = costs[item]
     lists[src].remove(item)
-    lists[dst].append(item)
-    lists[dst].sort()
-    loads[src] -= costs[item]
-    loads[dst] += costs[item]
-    same = by_cost[src][costs[item]]
-    same.remove(item)
-    if not same:
-      del by_cost[src][costs[item]]
-    by_cost[dst].setdefault(costs[item], []).append(item)
+    bisect.insort(lists[dst], item)
+    loads[src] -= cost
+    loads[dst] += cost
+    by_cost[src][cost].remove(item)
+    if not by_cost[src][cost]:
+      del by_cost[src][cost]
+      sorted_costs[src].remove(cost)
+    if cost not in by_cost[dst]:
+      bisect.insort(sorted_costs[dst], cost)
+    by_cost[dst].setdefault(cost, []).append(item)
 
   while True:
     busiest = max(range(len(lists)), key=loads.__getitem__)
     top = loads[busiest]
     best = None  # (the pair's new max, other CTA, cost out, cost in)
     for other, load in enumerate(loads):
-      for out_cost in by_cost[busiest]:
-        for in_cost in by_cost[other]:
-          if in_cost < out_cost:
+      gap = top - load  # a swap moving d = out - in, 0 < d < gap, helps
+      theirs = sorted_costs[other]
+      for out_cost in sorted_costs[busiest]:
+        # Best: d nearest gap / 2, i.e. in_cost nearest out_cost - gap / 2.
+        at = bisect.bisect_left(theirs, out_cost - gap / 2)
+        for in_cost in theirs[max(at - 1, 0):at + 1]:
+          if 0 < out_cost - in_cost < gap:
             pair = max(top - out_cost + in_cost, load + out_cost - in_cost)
-            if pair < top and (best is None or pair < best[0]):
+            if best is None or pair < best[0]:
               best = (pair, other, out_cost, in_cost)
     if best is None:
       return lists

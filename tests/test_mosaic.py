@@ -16,7 +16,8 @@ import pytest
 
 import fa2_jax
 from fa2_jax import backends
-from pallas_kernels import mosaic_backward, mosaic_tiles, schedule
+from pallas_kernels import (mosaic_backward, mosaic_forward, mosaic_tiles,
+                            schedule)
 from pallas_kernels.mask import MaskRule
 from tests import numerics, test_mask
 from tests.test_numerics import SHAPES, check_against_reference
@@ -252,6 +253,20 @@ def test_persistent_when_balanced(costs, heads, persistent, monkeypatch):
     assert busiest < sum(item_costs) / 132 + max(item_costs)
     assert busiest <= schedule.makespan(
         schedule.snake(len(item_costs), 132), item_costs)
+
+
+@pytest.mark.parametrize("seq_len,head_dim,persistent", [
+    (16384, 64, True), (8192, 64, True), (8192, 128, True),
+    (16384, 128, False),  # long tiles of varied length: the hardware's order
+])
+def test_causal_forward_persistent(seq_len, head_dim, persistent,
+                                   monkeypatch):
+  monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 132)
+  tiles = mosaic_tiles.Tiles.make(
+      [i + 1 for i in range(seq_len // 128)], 2048 // head_dim, 1,
+      persistent=True,
+      max_mean_varied=mosaic_forward._max_mean_varied(head_dim))
+  assert tiles.persistent == persistent
 
 
 def test_key_tiles_heaviest_first():
