@@ -136,6 +136,8 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   if key_span is not None and (isinstance(key_span, bool)
                                or not isinstance(key_span, int)):
     raise TypeError(f"key_span must be an int or None, got {key_span!r}")
+  if key_span is not None and key_span < 0:
+    raise ValueError(f"key_span must be >= 0, got {key_span}")
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
                         block_q_dkv=64, block_k_dkv=64, stages=2)

@@ -288,3 +288,5 @@ def test_default_mosaic_blocks_validation():
     fa2_jax.default_mosaic_blocks(64, masked=1)
   with pytest.raises(TypeError, match="key_span must be an int or None"):
     fa2_jax.default_mosaic_blocks(128, key_span=1.5)
+  with pytest.raises(ValueError, match="key_span must be >= 0, got -1"):
+    fa2_jax.default_mosaic_blocks(128, key_span=-1)
