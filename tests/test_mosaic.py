@@ -341,6 +341,17 @@ def test_fused_dq_variants(name, hopper):
                           implementation="mosaic")
 
 
+def test_fused_dq_without_keys_in_first_blocks(hopper):
+  """A fused dQ whose first query blocks see no key (bottom_right, T - S
+  past a 128-row block): `_finish_dq` zeroes them with a row mask built
+  while tracing, a constant the launch hoists out of custom_partitioning."""
+  check_against_reference((1, 300, 50, 2, 2, 64, True), jnp.bfloat16, False,
+                          mask_fn=lambda b, t, s: dict(
+                              causal_alignment="bottom_right"),
+                          block_sizes=fused_dq_tiles(64), seed=15,
+                          implementation="mosaic")
+
+
 @pytest.mark.parametrize("fused_dq,head_dim,causal,mean_steps,split", [
     (None, 64, False, 128, "rows"),  # the one case measured faster fused
     (None, 64, False, 64, None),  # short key tiles: two persistent kernels
