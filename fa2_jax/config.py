@@ -3,6 +3,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from pallas_kernels.mask import check_key_span
+
 _POW2_TILES = (16, 32, 64, 128, 256)
 _NUM_WARPS = (1, 2, 4, 8, 16)
 
@@ -71,12 +73,7 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None,
       tiles: two programs per SM, so one's Q load and O store overlap the
       other's loop.
   """
-  if key_span is not None and (isinstance(key_span, bool)
-                               or not isinstance(key_span, int)):
-    raise TypeError(f"key_span must be an int or None, got "
-                    f"{type(key_span).__name__}")
-  if key_span is not None and key_span < 0:
-    raise ValueError(f"key_span must be >= 0, got {key_span}")
+  check_key_span(key_span)
   wide = jnp.dtype(dtype).itemsize >= 4
   del device_kind  # One table for now, measured on an H100 at seqlen 4096
   # (benchmarks/tune_blocks.py, results in benchmarks/results/).

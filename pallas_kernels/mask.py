@@ -75,6 +75,18 @@ def run_bound(run: str, *, query_major: bool) -> str:
   return "lo" if (run == "leading") == query_major else "hi"
 
 
+def check_key_span(key_span):
+  """Raises on a `key_span` (the tile defaults' argument: the most keys a
+  query row can see, `MaskRule.key_span`) that is not an int >= 0 or
+  None."""
+  if key_span is not None and (isinstance(key_span, bool)
+                               or not isinstance(key_span, int)):
+    raise TypeError(f"key_span must be an int or None, got "
+                    f"{type(key_span).__name__}")
+  if key_span is not None and key_span < 0:
+    raise ValueError(f"key_span must be >= 0, got {key_span}")
+
+
 def _clamp(x, lo, hi):
   return _min(_max(x, lo), hi)
 

@@ -24,8 +24,9 @@ import numpy as np
 
 from pallas_kernels import schedule
 from pallas_kernels.mask import (MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT,
-                                 run_bound, segment_block_ranges,
-                                 unbounded_below, within)
+                                 check_key_span, run_bound,
+                                 segment_block_ranges, unbounded_below,
+                                 within)
 
 CONSUMERS = 2    # compute warpgroups per CTA
 HEAD_DIMS = (64, 128, 256)
@@ -133,11 +134,7 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   None when unbounded)."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
-  if key_span is not None and (isinstance(key_span, bool)
-                               or not isinstance(key_span, int)):
-    raise TypeError(f"key_span must be an int or None, got {key_span!r}")
-  if key_span is not None and key_span < 0:
-    raise ValueError(f"key_span must be >= 0, got {key_span}")
+  check_key_span(key_span)
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
                         block_q_dkv=64, block_k_dkv=64, stages=2)
