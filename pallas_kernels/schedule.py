@@ -1,8 +1,9 @@
 """Static schedules: which work items each CTA of a persistent kernel runs.
 
 A persistent Hopper kernel runs one CTA per SM, each looping over a list of
-work items fixed when the kernel is traced (Pallas Mosaic GPU has no atomic
-fetch-and-add with which CTAs could take the next item as they finish).
+work items fixed when the kernel is traced. (CTAs that claim the next item
+with an atomic add as they finish, through inline PTX, were measured slower
+in 6 of 8 forward shapes and no steadier: benchmarks/NOTES.md item 41.)
 `balanced` builds those lists from the items' costs:
 
 1. the snake order: CTA c takes position c of every wave of `num_ctas`
