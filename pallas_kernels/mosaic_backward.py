@@ -21,8 +21,10 @@ a fixed order.
   warp of the producer (not the one that loads) TMA-adds it into a float32
   dQ in global memory. The key tiles that visit a query block add in tile
   order, counted by a global semaphore per (batch, head, query block):
-  deterministic without atomics. The default uses it only at head_dim 64
-  without a mask cutting blocks, on long key tiles (`_dq_split`).
+  deterministic without atomics. Where every key tile sees every query
+  block, each starts its walk at a different block (`_Walk`), so that no
+  two add into one block at the same step. The default uses it only at
+  head_dim 64 without a mask cutting blocks (`_dq_split`).
 
 With segment ids, each kernel visits only the blocks that can hold a
 matching pair, and skips the element-wise mask on those whose queries and
@@ -70,22 +72,34 @@ DQ_STAGES = 2
 LOAD_WARP, ADD_WARP = 0, 1
 
 
+# The default fuses dQ where every key tile sees every query block (the
+# rotated walk, `_Walk`) only from this many steps per key tile on: at 1k
+# (8 steps) the two persistent kernels were faster (H100, head_dim 64:
+# 376-382 vs 354-356 TFLOP/s fwd+bwd; 2k: 395, 386 vs 411, 408;
+# benchmarks/NOTES.md item 42).
+MIN_ROTATED_STEPS = 16
+
+
 def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
-              mean_steps: float) -> str | None:
+              mean_steps: float, square: bool) -> str | None:
   """How the consumers share the fused dQ tile [block_q_dkv, H]: "cols"
   (each computes H / 2 columns), "rows" (block_q_dkv / 2 rows), or None:
   the separate dQ kernel runs instead. None where neither half is a whole
   64-wide tile; at head_dim 256 (dS and dQ do not fit in shared memory);
   with `fused_dq=False`; and with `fused_dq=None` (the default) except
-  where the fused kernel was measured faster: head_dim 64, no mask cutting
-  blocks, key tiles of more than MAX_PERSISTENT_STEPS steps on average
-  (`mean_steps`; H100, 16k: 456 vs 415 TFLOP/s fwd+bwd, while it is level
-  at 4k and slower at head_dim 128 or causal: benchmarks/NOTES.md
-  item 19)."""
+  where the fused kernel was measured faster: head_dim 64 with no mask
+  cutting blocks, and either as many query blocks as key tiles (`square`:
+  the rotated walk) and at least MIN_ROTATED_STEPS steps per key tile on
+  average (`mean_steps`; H100, 4k: 429-432 vs 401-402 TFLOP/s fwd+bwd, 8k
+  453 vs 406-408, 16k 462-466 vs 422-423, benchmarks/NOTES.md item 42), or
+  more than MAX_PERSISTENT_STEPS (the walk in tile order; 16k: 456 vs 415,
+  item 19). At head_dim 128 or under a causal mask it was slower."""
   if blocks.fused_dq is False or head_dim > 128:
     return None
+  long_enough = mean_steps > MAX_PERSISTENT_STEPS or (
+      square and mean_steps >= MIN_ROTATED_STEPS)
   if blocks.fused_dq is None and (head_dim != 64 or mask.cuts_blocks
-                                  or mean_steps <= MAX_PERSISTENT_STEPS):
+                                  or not long_enough):
     return None
   if head_dim >= 2 * 64:
     return "cols"
@@ -104,17 +118,63 @@ def _query_blocks(mask: MaskRule, refs, k_tile, batch, block_q: int,
                          batch, k_tile, block_q, block_k, query_major=False)
 
 
-def _step_of(g, q_block, *, num_q, end):
-  """The pipeline step of (group head g, query block), of num_q query blocks
-  ending at `end`. The dK/dV kernel walks its query blocks from last to
-  first, so that all key tiles of a causal or full mask reach a query block
-  at the same step and a band's neighbours reach it earlier (the fused dQ
-  adds in key-tile order)."""
-  return g * num_q + (end - 1 - q_block)
+def _rotates(mask: MaskRule, split, num_q_blocks: int,
+             num_k_tiles: int) -> bool:
+  """Whether the fused dQ walks rotated (`_Walk`): every key tile visits
+  every query block unmasked, and there are as many of each."""
+  return (split is not None and not mask.cuts_blocks
+          and num_q_blocks == num_k_tiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Walk:
+  """The order in which key tile `k_tile` visits its num_q query blocks
+  (ending at `end`), per group head: from last to first, so that all key
+  tiles of a causal or full mask reach a query block at the same step and a
+  band's neighbours reach it earlier (the fused dQ adds in key-tile order).
+  `rotated` (`_rotates`): key tile j starts at query block j instead and
+  walks down from there, wrapping around, so that at each step the key
+  tiles of a head reach different query blocks and none waits for another's
+  dQ add of the same step (benchmarks/NOTES.md item 42)."""
+  num_q: object
+  end: object
+  k_tile: object
+  rotated: bool
+
+  def _shift(self):
+    return self.num_q - 1 - self.k_tile
+
+  def block(self, s):
+    """The query block of step s within a group head."""
+    if not self.rotated:
+      return self.end - 1 - s
+    return self.end - 1 - lax.rem(s + self._shift(), self.num_q)
+
+  def step(self, g, q_block):
+    """The pipeline step of (group head g, query block): `block`'s inverse."""
+    s = self.end - 1 - q_block
+    if self.rotated:
+      s = lax.rem(s - self._shift() + self.num_q, self.num_q)
+    return g * self.num_q + s
+
+  def add_order(self, q_block, first_k_tile=0):
+    """(sum, rank): which float32 dQ sum this key tile adds query block
+    q_block into, and its place in that sum's order (the tiles before it
+    add first; rank 0 stores). In tile order from `first_k_tile` (the first
+    key tile that visits the block) into sum 0; rotated, tiles q_block..
+    (which reach it at steps 0, 1, ...) into sum 0 and tiles
+    0..q_block - 1 (at later steps, in the same order) into sum 1, so that
+    a tile waits only for the tile before it, which reached the block one
+    step earlier and was launched earlier."""
+    if not self.rotated:
+      return 0, self.k_tile - first_k_tile
+    before = jnp.asarray(self.k_tile < q_block)
+    return (before.astype(jnp.int32),
+            jnp.where(before, self.k_tile, self.k_tile - q_block))
 
 
 def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
-                   tiles: mt.Tiles, split):
+                   tiles: mt.Tiles, split, rotated: bool):
   """One consumer warpgroup: keys [k_tile * 2 bk + wg * bk, + bk) of each of
   the CTA's key tiles, with dK and dV in registers."""
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
@@ -136,6 +196,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
     bounds, loops = _query_blocks(mask, refs, k_tile, batch, bq,
                                   mt.CONSUMERS * bk, split)
     num_q = bounds[3] - bounds[0]
+    walk = _Walk(num_q, bounds[3], k_tile, rotated)
     key0 = mt.own_rows(k_tile, wg, bk)[0]
     # dK and dV are staged in the K and V slot.
     kv_slot, next_kv = mt.operand_slot(
@@ -149,7 +210,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
     def head_loop(g, carry):
       def step(q_block, carry, *, masked):
         dk, dv = carry
-        i = _step_of(g, q_block, num_q=num_q, end=bounds[3])
+        i = walk.step(g, q_block)
         slot = mt.slot_of(first + i, stages)
         q_smem, do_smem = scratch["q"].at[slot], scratch["do"].at[slot]
         plgpu.barrier_wait(bars["q_ready"].at[slot])
@@ -195,6 +256,10 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
           _dq_tile(wg, i, scratch, split=split, bq=bq, hp=hp)
         return dk, dv
 
+      if rotated:  # one unmasked run
+        return lax.fori_loop(
+            0, num_q, lambda s, c: step(walk.block(s), c, masked=False),
+            carry)
       return mt.visit_runs(bounds, loops, step, carry,
                            reverse=True)
 
@@ -260,7 +325,7 @@ def _dq_tile(wg, i, scratch, *, split: str, bq: int, hp: int):
 
 
 def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
-                   tiles: mt.Tiles, split):
+                   tiles: mt.Tiles, split, rotated: bool):
   """The TMA warpgroup: Q, LSE (and segment ids), dO and delta of every
   step of each of the CTA's key tiles into the ring, which runs on across
   tiles; with the fused dQ, also the ordered adds of the dQ tiles."""
@@ -273,10 +338,11 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
                            mt.CONSUMERS * blocks.block_k_dkv, split)[0]
     num_q = bounds[3] - bounds[0]
     divisor = jnp.maximum(num_q, 1)
+    walk = _Walk(divisor, bounds[3], k_tile, rotated)
 
-    def head_and_rows(i):  # the inverse of _step_of
+    def head_and_rows(i):  # the inverse of walk.step
       g = lax.div(i, divisor)
-      return kv_head * group + g, bounds[3] - 1 - lax.rem(i, divisor)
+      return kv_head * group + g, walk.block(lax.rem(i, divisor))
 
     def load(i, slot, wait_free):
       head, q_block = head_and_rows(i)
@@ -292,7 +358,7 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
     if split:  # one tile per CTA
       _fused_dq_producer(refs, scratch, sems, load, head_and_rows,
                          num_steps, mask=mask, blocks=blocks, split=split,
-                         k_tile=k_tile, batch=batch)
+                         walk=walk, batch=batch)
     else:
       mt.fill_ring(num_steps, stages, load, first=first)
     return first + num_steps
@@ -301,32 +367,35 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
 
 
 def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
-                       *, mask, blocks, split, k_tile, batch):
+                       *, mask, blocks, split, walk: "_Walk", batch):
   """The producer with the fused dQ: one warp loads the ring, another adds
   each step's dQ tile into global memory in key-tile order."""
   bq, stages = blocks.block_q_dkv, blocks.stages
   bars = scratch["bars"]
+  _, num_batch, rows, num_heads, _ = refs["dq"].shape
+  num_q_blocks = rows // bq
 
   def semaphore(head, q_block):
-    """The counter of (batch, head, query block) and our rank in its order:
-    the key tiles that visit the block add in tile order."""
-    num_q_blocks = refs["dq"].shape[1] // bq
-    first = mask.key_blocks(q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[0]
-    index = (batch * refs["dq"].shape[2] + head) * num_q_blocks + q_block
-    return sems.at[index], k_tile - first
+    """(the float32 sum, the counter of (sum, batch, head, query block), our
+    rank in its order: `_Walk.add_order`)."""
+    part, rank = walk.add_order(q_block, mask.key_blocks(
+        q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[0])
+    index = ((part * num_batch + batch) * num_heads
+             + head) * num_q_blocks + q_block
+    return refs["dq"].at[part, batch], sems.at[index], rank
 
   def add_dq(i):
     """Adds step i's dQ tile into the float32 dQ once the key tiles before
     ours have (the first stores it), frees its ring slot as soon as the TMA
     has read it, and signals the next key tile once the sum has landed."""
     head, q_block = head_and_rows(i)
-    sem, rank = semaphore(head, q_block)
+    dq_sum, sem, rank = semaphore(head, q_block)
     slot = mt.slot_of(i, DQ_STAGES)
     plgpu.barrier_wait(bars["dq_ready"].at[slot])
     plgpu.semaphore_wait(sem, rank, decrement=False, memory_scope="gpu")
     for h in range(mt.CONSUMERS):
       src = scratch["dq"].at[slot * mt.CONSUMERS + h]
-      dst = refs["dq"].at[batch, pl.ds(q_block * bq, bq), head]
+      dst = dq_sum.at[pl.ds(q_block * bq, bq), head]
       half = _dq_half(h, split, bq, dst.shape[-1])
       dst = dst.at[:, half] if split == "cols" else dst.at[half, :]
       plgpu.copy_smem_to_gmem(src, dst, predicate=rank == 0,
@@ -348,7 +417,7 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
 
 
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
-                 num_sems: int, tiles: mt.Tiles):
+                 rotated: bool, num_sems: int, tiles: mt.Tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
   # The fused dQ visits every block of the position range (_query_blocks).
@@ -360,7 +429,7 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
   sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
           if split else None)
   common = dict(mask=mask, blocks=blocks, group=group, split=split,
-                tiles=tiles)
+                tiles=tiles, rotated=rotated)
   mt.warp_specialize(
       lambda wg: _dkdv_consumer(wg, refs, scratch, score=score, **common),
       lambda: _dkdv_producer(refs, scratch, sems, **common))
@@ -564,9 +633,13 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   num_q_blocks = tp // blocks.block_q_dkv
   dk_dv = [out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
            for x in (k, v)]
-  dq_sum = [out_struct((batch, tp, num_heads, hp), jnp.float32, q)]
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
-  split = _dq_split(blocks, hp, mask, sum(key_costs) / num_k_tiles)
+  split = _dq_split(blocks, hp, mask, sum(key_costs) / num_k_tiles,
+                    square=num_q_blocks == num_k_tiles)
+  rotated = _rotates(mask, split, num_q_blocks, num_k_tiles)
+  # The fused dQ's float32 sums (two when rotated, `_fused_dq_producer`).
+  dq_sum = [out_struct((2 if rotated else 1, batch, tp, num_heads, hp),
+                       jnp.float32, q)]
   dkdv_tiles = mt.Tiles.make(
       key_costs, num_kv_heads, batch,
       persistent=(blocks.persistent and not split
@@ -575,8 +648,10 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
       last_first=False)
   outs = plgpu.kernel(
       functools.partial(_dkdv_kernel, mask=mask, score=score, blocks=blocks,
-                        group=group, split=split, tiles=dkdv_tiles,
-                        num_sems=batch * num_heads * num_q_blocks),
+                        group=group, split=split, rotated=rotated,
+                        tiles=dkdv_tiles,
+                        num_sems=dq_sum[0].shape[0] * batch * num_heads
+                        * num_q_blocks),
       out_type=(*dk_dv, *(dq_sum if split else [])),
       scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype, split,
                                    2 if dkdv_tiles.persistent else 1)],
@@ -608,9 +683,14 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
 
 def _finish_dq(dq_sum, mask: MaskRule, block_q: int, block_k: int, scale,
                dtype):
-  """The fused kernel's float32 dQ sum -> dQ: scaled, in `dtype`, and zero
-  in query blocks that no key tile visits (nothing was stored there)."""
-  dq = dq_sum * scale
+  """The fused kernel's float32 dQ sums [parts, B, T, N, H] -> dQ: added,
+  scaled, in `dtype`, and zero in query blocks that no key tile visits
+  (nothing was stored there). The rotated walk's second sum holds nothing
+  in query block 0 (no key tile comes before tile 0)."""
+  dq = dq_sum[0]
+  if dq_sum.shape[0] == 2:
+    dq = dq + dq_sum[1].at[:, :block_q].set(0.0)
+  dq = dq * scale
   rows = np.ones(dq.shape[1], bool)
   for i in range(-(-mask.seq_len_q // block_q)):
     start, _, _, end = mask.key_blocks(i, block_q, block_k)

@@ -352,22 +352,82 @@ def test_fused_dq_without_keys_in_first_blocks(hopper):
                           implementation="mosaic")
 
 
-@pytest.mark.parametrize("fused_dq,head_dim,causal,mean_steps,split", [
-    (None, 64, False, 128, "rows"),  # the one case measured faster fused
-    (None, 64, False, 64, None),  # short key tiles: two persistent kernels
-    (None, 64, True, 128, None),  # a causal mask: slower fused
-    (None, 128, False, 256, None),  # head_dim 128: slower fused
-    (True, 128, True, 8, "cols"),
-    (True, 64, False, 8, "rows"),
-    (False, 64, False, 128, None),
-    (True, 256, False, 128, None),  # dS and dQ do not fit in shared memory
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 700, 700, 4, 2, 64, False), id="700-h64-gqa"),
+    pytest.param((1, 1024, 1024, 2, 1, 64, False), id="1024-h64-mqa"),
 ])
-def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, split):
+def test_fused_dq_rotated(shape, hopper):
+  """No mask and as many query blocks as key tiles: the fused dQ's rotated
+  walk, adding into two float32 sums (`mosaic_backward._Walk`)."""
+  check_against_reference(shape, jnp.bfloat16, False,
+                          block_sizes=fused_dq_tiles(64),
+                          implementation="mosaic")
+
+
+@pytest.mark.parametrize("num", [1, 2, 5, 8])
+def test_rotated_walk_adds_one_step_apart(num):
+  """Rotated, each key tile visits every query block once; in each dQ sum
+  of a block the ranks run 0, 1, ... in launch (tile) order, one step
+  apart, so a tile waits only for the one launched before it; sum 1 is
+  empty only in block 0 (`_finish_dq` drops it there)."""
+  for q_block in range(num):
+    order = {}
+    for k_tile in range(num):
+      walk = mosaic_backward._Walk(num, num, k_tile, True)
+      blocks = [int(walk.block(s)) for s in range(num)]
+      assert sorted(blocks) == list(range(num))
+      step = blocks.index(q_block)
+      assert int(walk.step(2, q_block)) == 2 * num + step
+      part, rank = map(int, walk.add_order(q_block))
+      order[part, rank] = (k_tile, step)
+    assert len(order) == num
+    for part in (0, 1):
+      ranks = sorted(r for p, r in order if p == part)
+      assert ranks == list(range(len(ranks)))
+      for r in ranks[1:]:
+        (tile, step), (before, step_before) = order[part, r], order[part, r - 1]
+        assert (before, step_before) == (tile - 1, step - 1)
+    assert any(p == 1 for p, _ in order) == (q_block > 0)
+
+
+def test_walk_in_tile_order_unrotated():
+  """Without rotation: last query block first, ranks in tile order."""
+  walk = mosaic_backward._Walk(4, 6, 3, False)
+  assert [int(walk.block(s)) for s in range(4)] == [5, 4, 3, 2]
+  assert int(walk.step(1, 4)) == 5
+  assert walk.add_order(4, first_k_tile=1) == (0, 2)
+
+
+@pytest.mark.parametrize("causal,num_q,num_k,split,rotated", [
+    (False, 8, 8, "rows", True),
+    (True, 8, 8, "rows", False),  # key tiles see different query blocks
+    (False, 16, 8, "cols", False),  # head_dim 128: 64-row query blocks
+    (False, 8, 8, None, False),  # the separate dQ kernel
+])
+def test_where_the_walk_rotates(causal, num_q, num_k, split, rotated):
+  mask = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=causal)
+  assert mosaic_backward._rotates(mask, split, num_q, num_k) == rotated
+
+
+@pytest.mark.parametrize("fused_dq,head_dim,causal,mean_steps,square,split", [
+    (None, 64, False, 128, False, "rows"),  # long key tiles, walk in order
+    (None, 64, False, 64, False, None),  # two persistent kernels
+    (None, 64, False, 16, True, "rows"),  # the rotated walk, from 2k on
+    (None, 64, False, 8, True, None),  # 1k: two persistent kernels
+    (None, 64, True, 128, True, None),  # a causal mask: slower fused
+    (None, 128, False, 256, True, None),  # head_dim 128: slower fused
+    (True, 128, True, 8, False, "cols"),
+    (True, 64, False, 8, False, "rows"),
+    (False, 64, False, 128, True, None),
+    (True, 256, False, 128, True, None),  # dS and dQ do not fit in smem
+])
+def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, square,
+                           split):
   blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
                                fused_dq=fused_dq)
   mask = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=causal)
-  assert mosaic_backward._dq_split(blocks, head_dim, mask,
-                                   mean_steps) == split
+  assert mosaic_backward._dq_split(blocks, head_dim, mask, mean_steps,
+                                   square) == split
 
 
 @pytest.mark.parametrize("bounds,seg_range,narrowed", [
@@ -457,23 +517,25 @@ def test_segment_ranges_cover_every_match():
   assert (np.asarray(key_range[0, :, 1] - key_range[0, :, 0]) < 8).any()
 
 
-def _fwd_bwd(q, k, v, dout, **kwargs):
+def _fwd_bwd(q, k, v, dout, is_causal=True, **kwargs):
   out, vjp = jax.vjp(functools.partial(
-      fa2_jax.flash_attention, is_causal=True, implementation="mosaic",
+      fa2_jax.flash_attention, is_causal=is_causal, implementation="mosaic",
       **kwargs), q, k, v)
   return (out, *vjp(dout))
 
 
-@pytest.mark.parametrize("fused_dq,head_dim", [(False, 128), (True, 128),
-                                               (True, 64)])
-def test_bitwise_repeatable(fused_dq, head_dim, hopper):
+@pytest.mark.parametrize("fused_dq,head_dim,is_causal", [
+    (False, 128, True), (True, 128, True), (True, 64, True),
+    (True, 64, False)])  # the rotated walk
+def test_bitwise_repeatable(fused_dq, head_dim, is_causal, hopper):
   """Five key tiles add into each dQ block (fused): always in one order."""
   q, k, v, dout, _ = numerics.random_inputs(
       3, batch=2, seq_q=640, seq_k=640, heads=8, kv_heads=2,
       head_dim=head_dim, dtype=jnp.bfloat16)
   blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
                                fused_dq=fused_dq)
-  run = jax.jit(functools.partial(_fwd_bwd, block_sizes=blocks))
+  run = jax.jit(functools.partial(_fwd_bwd, block_sizes=blocks,
+                                  is_causal=is_causal))
   first = run(q, k, v, dout)
   for _ in range(3):
     for a, b in zip(first, run(q, k, v, dout)):
