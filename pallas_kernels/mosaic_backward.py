@@ -81,15 +81,15 @@ MIN_ROTATED_STEPS = 16
 
 
 def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
-              mean_steps: float, square: bool) -> str | None:
+              mean_steps: float, rotatable: bool) -> str | None:
   """How the consumers share the fused dQ tile [block_q_dkv, H]: "cols"
   (each computes H / 2 columns), "rows" (block_q_dkv / 2 rows), or None:
   the separate dQ kernel runs instead. None where neither half is a whole
   64-wide tile; at head_dim 256 (dS and dQ do not fit in shared memory);
   with `fused_dq=False`; and with `fused_dq=None` (the default) except
   where the fused kernel was measured faster: head_dim 64 with no mask
-  cutting blocks, and either as many query blocks as key tiles (`square`:
-  the rotated walk) and at least MIN_ROTATED_STEPS steps per key tile on
+  cutting blocks, and either at least as many query blocks as key tiles
+  (`rotatable`: the rotated walk) and at least MIN_ROTATED_STEPS steps per key tile on
   average (`mean_steps`; H100, 4k: 429-432 vs 401-402 TFLOP/s fwd+bwd, 8k
   453 vs 406-408, 16k 462-466 vs 422-423, benchmarks/NOTES.md item 42), or
   more than MAX_PERSISTENT_STEPS (the walk in tile order; 16k: 456 vs 415,
@@ -97,7 +97,7 @@ def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
   if blocks.fused_dq is False or head_dim > 128:
     return None
   long_enough = mean_steps > MAX_PERSISTENT_STEPS or (
-      square and mean_steps >= MIN_ROTATED_STEPS)
+      rotatable and mean_steps >= MIN_ROTATED_STEPS)
   if blocks.fused_dq is None and (head_dim != 64 or mask.cuts_blocks
                                   or not long_enough):
     return None
@@ -121,9 +121,10 @@ def _query_blocks(mask: MaskRule, refs, k_tile, batch, block_q: int,
 def _rotates(mask: MaskRule, split, num_q_blocks: int,
              num_k_tiles: int) -> bool:
   """Whether the fused dQ walks rotated (`_Walk`): every key tile visits
-  every query block unmasked, and there are as many of each."""
+  every query block unmasked, and there are at least as many query blocks
+  as key tiles (so that the tiles start at different blocks)."""
   return (split is not None and not mask.cuts_blocks
-          and num_q_blocks == num_k_tiles)
+          and num_q_blocks >= num_k_tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +166,8 @@ class _Walk:
     (which reach it at steps 0, 1, ...) into sum 0 and tiles
     0..q_block - 1 (at later steps, in the same order) into sum 1, so that
     a tile waits only for the tile before it, which reached the block one
-    step earlier and was launched earlier."""
+    step earlier and was launched earlier. Sum 0 stays empty in blocks
+    past the last key tile, sum 1 in block 0 (`_finish_dq`)."""
     if not self.rotated:
       return 0, self.k_tile - first_k_tile
     before = jnp.asarray(self.k_tile < q_block)
@@ -635,7 +637,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
            for x in (k, v)]
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
   split = _dq_split(blocks, hp, mask, sum(key_costs) / num_k_tiles,
-                    square=num_q_blocks == num_k_tiles)
+                    rotatable=num_q_blocks >= num_k_tiles)
   rotated = _rotates(mask, split, num_q_blocks, num_k_tiles)
   # The fused dQ's float32 sums (two when rotated, `_fused_dq_producer`).
   dq_sum = [out_struct((2 if rotated else 1, batch, tp, num_heads, hp),
@@ -663,7 +665,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   dk, dv = outs[:2]
   if split:
     dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,
-                    mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype)
+                    mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype,
+                    num_k_tiles)
   else:
     # Not persistent: no room to prefetch Q and dO, and no gain measured.
     tiles = mt.Tiles.one_per_tile(
@@ -682,14 +685,16 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
 
 
 def _finish_dq(dq_sum, mask: MaskRule, block_q: int, block_k: int, scale,
-               dtype):
+               dtype, num_k_tiles: int):
   """The fused kernel's float32 dQ sums [parts, B, T, N, H] -> dQ: added,
   scaled, in `dtype`, and zero in query blocks that no key tile visits
-  (nothing was stored there). The rotated walk's second sum holds nothing
-  in query block 0 (no key tile comes before tile 0)."""
+  (nothing was stored there). The rotated walk's (two sums) stores nothing
+  into sum 0 past query block num_k_tiles - 1, nor into sum 1 in block 0
+  (`_Walk.add_order`)."""
   dq = dq_sum[0]
   if dq_sum.shape[0] == 2:
-    dq = dq + dq_sum[1].at[:, :block_q].set(0.0)
+    dq = (dq.at[:, num_k_tiles * block_q:].set(0.0)
+          + dq_sum[1].at[:, :block_q].set(0.0))
   dq = dq * scale
   rows = np.ones(dq.shape[1], bool)
   for i in range(-(-mask.seq_len_q // block_q)):

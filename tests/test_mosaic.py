@@ -355,32 +355,40 @@ def test_fused_dq_without_keys_in_first_blocks(hopper):
 @pytest.mark.parametrize("shape", [
     pytest.param((2, 700, 700, 4, 2, 64, False), id="700-h64-gqa"),
     pytest.param((1, 1024, 1024, 2, 1, 64, False), id="1024-h64-mqa"),
+    pytest.param((1, 1000, 600, 4, 2, 64, False), id="1000x600-h64-gqa"),
+    pytest.param((1, 512, 300, 2, 1, 128, False), id="512x300-h128-mqa"),
 ])
 def test_fused_dq_rotated(shape, hopper):
-  """No mask and as many query blocks as key tiles: the fused dQ's rotated
-  walk, adding into two float32 sums (`mosaic_backward._Walk`)."""
+  """No mask and at least as many query blocks as key tiles: the fused
+  dQ's rotated walk, adding into two float32 sums, one of them empty in
+  the blocks past the last key tile (`mosaic_backward._Walk`)."""
   check_against_reference(shape, jnp.bfloat16, False,
-                          block_sizes=fused_dq_tiles(64),
+                          block_sizes=fused_dq_tiles(shape[5]),
                           implementation="mosaic")
 
 
-@pytest.mark.parametrize("num", [1, 2, 5, 8])
-def test_rotated_walk_adds_one_step_apart(num):
-  """Rotated, each key tile visits every query block once; in each dQ sum
-  of a block the ranks run 0, 1, ... in launch (tile) order, one step
-  apart, so a tile waits only for the one launched before it; sum 1 is
-  empty only in block 0 (`_finish_dq` drops it there)."""
-  for q_block in range(num):
+@pytest.mark.parametrize("num_q,num_k", [(1, 1), (2, 2), (5, 5), (8, 8),
+                                         (5, 2), (8, 3)])
+def test_rotated_walk_adds_one_step_apart(num_q, num_k):
+  """Rotated, each key tile visits every query block once, and the tiles
+  start at different blocks; in each dQ sum of a block the ranks run 0,
+  1, ... in launch (tile) order, one step apart, so a tile waits only for
+  the one launched before it; sum 1 is empty only in block 0 and sum 0
+  only past the last key tile (`_finish_dq` drops them there)."""
+  starts = {int(mosaic_backward._Walk(num_q, num_q, k, True).block(0))
+            for k in range(num_k)}
+  assert len(starts) == num_k
+  for q_block in range(num_q):
     order = {}
-    for k_tile in range(num):
-      walk = mosaic_backward._Walk(num, num, k_tile, True)
-      blocks = [int(walk.block(s)) for s in range(num)]
-      assert sorted(blocks) == list(range(num))
+    for k_tile in range(num_k):
+      walk = mosaic_backward._Walk(num_q, num_q, k_tile, True)
+      blocks = [int(walk.block(s)) for s in range(num_q)]
+      assert sorted(blocks) == list(range(num_q))
       step = blocks.index(q_block)
-      assert int(walk.step(2, q_block)) == 2 * num + step
+      assert int(walk.step(2, q_block)) == 2 * num_q + step
       part, rank = map(int, walk.add_order(q_block))
       order[part, rank] = (k_tile, step)
-    assert len(order) == num
+    assert len(order) == num_k
     for part in (0, 1):
       ranks = sorted(r for p, r in order if p == part)
       assert ranks == list(range(len(ranks)))
@@ -388,6 +396,7 @@ def test_rotated_walk_adds_one_step_apart(num):
         (tile, step), (before, step_before) = order[part, r], order[part, r - 1]
         assert (before, step_before) == (tile - 1, step - 1)
     assert any(p == 1 for p, _ in order) == (q_block > 0)
+    assert any(p == 0 for p, _ in order) == (q_block < num_k)
 
 
 def test_walk_in_tile_order_unrotated():
@@ -401,7 +410,8 @@ def test_walk_in_tile_order_unrotated():
 @pytest.mark.parametrize("causal,num_q,num_k,split,rotated", [
     (False, 8, 8, "rows", True),
     (True, 8, 8, "rows", False),  # key tiles see different query blocks
-    (False, 16, 8, "cols", False),  # head_dim 128: 64-row query blocks
+    (False, 16, 8, "cols", True),  # head_dim 128: 64-row query blocks
+    (False, 4, 8, "rows", False),  # fewer query blocks than key tiles
     (False, 8, 8, None, False),  # the separate dQ kernel
 ])
 def test_where_the_walk_rotates(causal, num_q, num_k, split, rotated):
@@ -409,7 +419,8 @@ def test_where_the_walk_rotates(causal, num_q, num_k, split, rotated):
   assert mosaic_backward._rotates(mask, split, num_q, num_k) == rotated
 
 
-@pytest.mark.parametrize("fused_dq,head_dim,causal,mean_steps,square,split", [
+@pytest.mark.parametrize(
+    "fused_dq,head_dim,causal,mean_steps,rotatable,split", [
     (None, 64, False, 128, False, "rows"),  # long key tiles, walk in order
     (None, 64, False, 64, False, None),  # two persistent kernels
     (None, 64, False, 16, True, "rows"),  # the rotated walk, from 2k on
@@ -421,13 +432,13 @@ def test_where_the_walk_rotates(causal, num_q, num_k, split, rotated):
     (False, 64, False, 128, True, None),
     (True, 256, False, 128, True, None),  # dS and dQ do not fit in smem
 ])
-def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, square,
+def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, rotatable,
                            split):
   blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
                                fused_dq=fused_dq)
   mask = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=causal)
   assert mosaic_backward._dq_split(blocks, head_dim, mask, mean_steps,
-                                   square) == split
+                                   rotatable) == split
 
 
 @pytest.mark.parametrize("bounds,seg_range,narrowed", [
