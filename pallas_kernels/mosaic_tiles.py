@@ -56,8 +56,8 @@ class MosaicBlocks:
     head_dim > 128 or 64 with 64-row blocks, the separate dQ kernel runs).
     None (the default): only where it was measured faster on an H100, at
     head_dim 64 with no mask cutting blocks, from 16 steps per key tile
-    where each sees every query block (2k tokens), else from 64
-    (benchmarks/NOTES.md items 13, 19 and 42). False: never.
+    where the walk rotates (no mask and T >= S; from 2k tokens), else from
+    64 (benchmarks/NOTES.md items 13, 19 and 42). False: never.
   overlap: the forward overlaps each consumer's softmax with its own
     matmuls (block j's S = Q K^T issued with block j-1's O += P V; FA3's
     intra-warpgroup pipelining), on top of the ping-pong between the two
