@@ -118,13 +118,17 @@ def _query_blocks(mask: MaskRule, refs, k_tile, batch, block_q: int,
                          batch, k_tile, block_q, block_k, query_major=False)
 
 
-def _rotates(mask: MaskRule, split, num_q_blocks: int,
-             num_k_tiles: int) -> bool:
-  """Whether the fused dQ walks rotated (`_Walk`): every key tile visits
+def _rotatable(mask: MaskRule, num_q_blocks: int, num_k_tiles: int) -> bool:
+  """Whether a fused dQ would walk rotated (`_Walk`): every key tile visits
   every query block unmasked, and there are at least as many query blocks
   as key tiles (so that the tiles start at different blocks)."""
-  return (split is not None and not mask.cuts_blocks
-          and num_q_blocks >= num_k_tiles)
+  return not mask.cuts_blocks and num_q_blocks >= num_k_tiles
+
+
+def _rotates(mask: MaskRule, split, num_q_blocks: int,
+             num_k_tiles: int) -> bool:
+  """Whether the dK/dV kernel fuses dQ (`split`) and walks rotated."""
+  return split is not None and _rotatable(mask, num_q_blocks, num_k_tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,8 +384,9 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
   def semaphore(head, q_block):
     """(the float32 sum, the counter of (sum, batch, head, query block), our
     rank in its order: `_Walk.add_order`)."""
-    part, rank = walk.add_order(q_block, mask.key_blocks(
-        q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[0])
+    first = 0 if walk.rotated else mask.key_blocks(
+        q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[0]
+    part, rank = walk.add_order(q_block, first)
     index = ((part * num_batch + batch) * num_heads
              + head) * num_q_blocks + q_block
     return refs["dq"].at[part, batch], sems.at[index], rank
@@ -637,7 +642,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
            for x in (k, v)]
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
   split = _dq_split(blocks, hp, mask, sum(key_costs) / num_k_tiles,
-                    rotatable=num_q_blocks >= num_k_tiles)
+                    rotatable=_rotatable(mask, num_q_blocks, num_k_tiles))
   rotated = _rotates(mask, split, num_q_blocks, num_k_tiles)
   # The fused dQ's float32 sums (two when rotated, `_fused_dq_producer`).
   dq_sum = [out_struct((2 if rotated else 1, batch, tp, num_heads, hp),
