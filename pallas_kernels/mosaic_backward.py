@@ -11,7 +11,7 @@ a fixed order.
   the kv head's group (GQA sums inside the CTA) and every query block that
   sees the keys. Per step: S^T = K Q^T, P^T = exp(S^T - LSE),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
-  The dK/dV kernel walks its query blocks from last to first.
+  The dK/dV kernel walks its query blocks from last to first (`_Walk`).
 * dQ: one CTA per (CONSUMERS * block_q rows, query head, batch); each
   consumer keeps Q and dO, the producer streams K and V:
   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
@@ -21,10 +21,12 @@ a fixed order.
   warp of the producer (not the one that loads) TMA-adds it into a float32
   dQ in global memory. The key tiles that visit a query block add in tile
   order, counted by a global semaphore per (batch, head, query block):
-  deterministic without atomics. Where every key tile sees every query
-  block, each starts its walk at a different block (`_Walk`), so that no
-  two add into one block at the same step. The default uses it only at
-  head_dim 64 without a mask cutting blocks (`_dq_split`).
+  deterministic without atomics. The key tiles walk so that no two add
+  into one block at the same step (`_Walk`): under a causal mask or window
+  from first to last, each tile one block behind the next; where every
+  key tile sees every query block, each starting at a different block. The
+  default uses it at head_dim 64 where it was measured faster
+  (`_fusing_pays`).
 
 With segment ids, each kernel visits only the blocks that can hold a
 matching pair, and skips the element-wise mask on those whose queries and
@@ -76,30 +78,61 @@ LOAD_WARP, ADD_WARP = 0, 1
 # rotated walk, `_Walk`) only from this many steps per key tile on: at 1k
 # (8 steps) the two persistent kernels were faster (H100, head_dim 64:
 # 376-382 vs 354-356 TFLOP/s fwd+bwd; 2k: 395, 386 vs 411, 408;
-# benchmarks/NOTES.md item 42).
+# benchmarks/NOTES.md item 42). Under a band (the UP walk) likewise: 2k
+# causal (8.5 steps) 342 vs 349, 1k 264 vs 283 (item 43).
 MIN_ROTATED_STEPS = 16
+# Under a band the UP walk launches the key tiles shortest first, so the
+# longest tile of the last head starts last: the default fuses only where
+# it is short against an SM's share of all steps (the tail, `_up_tail`):
+# causal at 4k-16k without GQA is 0.06 (+6-10% fused), 16k with 4 query
+# heads per kv head 0.26 (-3%; benchmarks/NOTES.md item 43).
+MAX_UP_TAIL = 0.125
+
+
+def _up_tail(key_costs: list, copies: int) -> float:
+  """The longest key tile's steps over an SM's share of the steps of all
+  `copies` (kv heads x batch) of the key tiles."""
+  return max(key_costs) * mt.num_sms() / max(sum(key_costs) * copies, 1)
+
+
+def _fusing_pays(head_dim: int, mask: MaskRule, key_costs: list,
+                 copies: int, rotatable: bool) -> bool:
+  """Where the default (`fused_dq=None`) fuses dQ: where it was measured
+  faster on an H100, all at head_dim 64 (at 128 fused was slower: 16k
+  causal 432 vs 518 TFLOP/s fwd+bwd, unmasked level; benchmarks/NOTES.md
+  items 35 and 43), never with segment ids (fused visits every block of
+  their positions):
+  - no mask cutting blocks, at least as many query blocks as key tiles
+    (`rotatable`: the rotated walk) and MIN_ROTATED_STEPS steps per key
+    tile on average (H100, 4k: 429-432 vs 401-402 TFLOP/s fwd+bwd, 8k 453
+    vs 406-408, 16k 462-466 vs 422-423; item 42), or more than
+    MAX_PERSISTENT_STEPS (16k: 456 vs 415, item 19);
+  - a causal mask or window (the UP walk) from MIN_ROTATED_STEPS steps on
+    average, with a tail (`_up_tail`) of at most MAX_UP_TAIL (16k causal
+    454 vs 427, 8k 430 vs 393, 4k 403-405 vs 380-396; item 43)."""
+  if head_dim != 64 or not mask.dense_blocks:
+    return False
+  mean_steps = sum(key_costs) / len(key_costs)
+  if not mask.cuts_blocks:
+    return mean_steps > MAX_PERSISTENT_STEPS or (
+        rotatable and mean_steps >= MIN_ROTATED_STEPS)
+  return (mean_steps >= MIN_ROTATED_STEPS
+          and _up_tail(key_costs, copies) <= MAX_UP_TAIL)
 
 
 def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
-              mean_steps: float, rotatable: bool) -> str | None:
+              key_costs: list, copies: int, rotatable: bool) -> str | None:
   """How the consumers share the fused dQ tile [block_q_dkv, H]: "cols"
   (each computes H / 2 columns), "rows" (block_q_dkv / 2 rows), or None:
   the separate dQ kernel runs instead. None where neither half is a whole
   64-wide tile; at head_dim 256 (dS and dQ do not fit in shared memory);
   with `fused_dq=False`; and with `fused_dq=None` (the default) except
-  where the fused kernel was measured faster: head_dim 64 with no mask
-  cutting blocks, and either at least as many query blocks as key tiles
-  (`rotatable`: the rotated walk) and at least MIN_ROTATED_STEPS steps per key tile on
-  average (`mean_steps`; H100, 4k: 429-432 vs 401-402 TFLOP/s fwd+bwd, 8k
-  453 vs 406-408, 16k 462-466 vs 422-423, benchmarks/NOTES.md item 42), or
-  more than MAX_PERSISTENT_STEPS (the walk in tile order; 16k: 456 vs 415,
-  item 19). At head_dim 128 or under a causal mask it was slower."""
+  where `_fusing_pays` (key_costs: each key tile's steps; copies: kv heads
+  x batch)."""
   if blocks.fused_dq is False or head_dim > 128:
     return None
-  long_enough = mean_steps > MAX_PERSISTENT_STEPS or (
-      rotatable and mean_steps >= MIN_ROTATED_STEPS)
-  if blocks.fused_dq is None and (head_dim != 64 or mask.cuts_blocks
-                                  or not long_enough):
+  if blocks.fused_dq is None and not _fusing_pays(head_dim, mask, key_costs,
+                                                  copies, rotatable):
     return None
   if head_dim >= 2 * 64:
     return "cols"
@@ -125,62 +158,82 @@ def _rotatable(mask: MaskRule, num_q_blocks: int, num_k_tiles: int) -> bool:
   return not mask.cuts_blocks and num_q_blocks >= num_k_tiles
 
 
-def _rotates(mask: MaskRule, split, num_q_blocks: int,
-             num_k_tiles: int) -> bool:
-  """Whether the dK/dV kernel fuses dQ (`split`) and walks rotated."""
-  return split is not None and _rotatable(mask, num_q_blocks, num_k_tiles)
+# The orders in which a key tile of the dK/dV kernel walks its query blocks
+# (`_Walk`): from last to first (the separate dQ kernel: no adds to order);
+# with the fused dQ, rotated (`_rotatable`) or else from first to last.
+DOWN, ROTATED, UP = "down", "rotated", "up"
+
+
+def _walk_order(mask: MaskRule, split, num_q_blocks: int,
+                num_k_tiles: int) -> str:
+  """How the dK/dV kernel's key tiles walk their query blocks (`_Walk`)."""
+  if split is None:
+    return DOWN
+  return ROTATED if _rotatable(mask, num_q_blocks, num_k_tiles) else UP
 
 
 @dataclasses.dataclass(frozen=True)
 class _Walk:
   """The order in which key tile `k_tile` visits its num_q query blocks
-  (ending at `end`), per group head: from last to first, so that all key
-  tiles of a causal or full mask reach a query block at the same step and a
-  band's neighbours reach it earlier (the fused dQ adds in key-tile order).
-  `rotated` (`_rotates`): key tile j starts at query block j instead and
-  walks down from there, wrapping around, so that at each step the key
-  tiles of a head reach different query blocks and none waits for another's
-  dQ add of the same step (benchmarks/NOTES.md item 42)."""
+  [start, end), per group head, and, with the fused dQ, the order in which
+  the key tiles that visit a query block add their dQ tiles into it
+  (`add_order`). A tile may only wait for tiles launched before it (the
+  CTAs launch in `mt.Tiles` order), and should find their adds done, so
+  that it does not wait at all:
+  - DOWN: from last to first (the separate dQ kernel).
+  - UP: from first to last. A band's (causal, window) key tiles start one
+    block apart, so at each step they are at different blocks: block b
+    gets its tiles from the last one down, each one step after the one
+    before, and the tiles launch last first (`Tiles(last_first=True)`).
+  - ROTATED (`_rotatable`: every key tile visits every block): key tile j
+    starts at block j and walks down from there, wrapping around. Block b
+    gets tiles b, b+1, ... at steps 0, 1, ... into one float32 sum and
+    tiles 0..b-1 at later steps, in the same order, into a second
+    (benchmarks/NOTES.md items 42 and 43)."""
   num_q: object
+  start: object
   end: object
   k_tile: object
-  rotated: bool
+  order: str
 
   def _shift(self):
     return self.num_q - 1 - self.k_tile
 
   def block(self, s):
     """The query block of step s within a group head."""
-    if not self.rotated:
-      return self.end - 1 - s
-    return self.end - 1 - lax.rem(s + self._shift(), self.num_q)
+    if self.order == UP:
+      return self.start + s
+    if self.order == ROTATED:
+      s = lax.rem(s + self._shift(), self.num_q)
+    return self.end - 1 - s
 
   def step(self, g, q_block):
     """The pipeline step of (group head g, query block): `block`'s inverse."""
+    if self.order == UP:
+      return g * self.num_q + q_block - self.start
     s = self.end - 1 - q_block
-    if self.rotated:
+    if self.order == ROTATED:
       s = lax.rem(s - self._shift() + self.num_q, self.num_q)
     return g * self.num_q + s
 
-  def add_order(self, q_block, first_k_tile=0):
+  def add_order(self, q_block, last_k_tile=None):
     """(sum, rank): which float32 dQ sum this key tile adds query block
     q_block into, and its place in that sum's order (the tiles before it
-    add first; rank 0 stores). In tile order from `first_k_tile` (the first
-    key tile that visits the block) into sum 0; rotated, tiles q_block..
-    (which reach it at steps 0, 1, ...) into sum 0 and tiles
-    0..q_block - 1 (at later steps, in the same order) into sum 1, so that
-    a tile waits only for the tile before it, which reached the block one
-    step earlier and was launched earlier. Sum 0 stays empty in blocks
-    past the last key tile, sum 1 in block 0 (`_finish_dq`)."""
-    if not self.rotated:
-      return 0, self.k_tile - first_k_tile
+    add first; rank 0 stores). UP: into sum 0 from `last_k_tile` (the last
+    key tile that visits the block) down. ROTATED: tiles q_block.. (which
+    reach it at steps 0, 1, ...) into sum 0 and tiles 0..q_block - 1 (at
+    later steps, in the same order) into sum 1. Sum 0 stays empty in
+    blocks past the last key tile, sum 1 in block 0 (`_finish_dq`)."""
+    if self.order == UP:
+      return 0, last_k_tile - self.k_tile
+    assert self.order == ROTATED, self.order
     before = jnp.asarray(self.k_tile < q_block)
     return (before.astype(jnp.int32),
             jnp.where(before, self.k_tile, self.k_tile - q_block))
 
 
 def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
-                   tiles: mt.Tiles, split, rotated: bool):
+                   tiles: mt.Tiles, split, order: str):
   """One consumer warpgroup: keys [k_tile * 2 bk + wg * bk, + bk) of each of
   the CTA's key tiles, with dK and dV in registers."""
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
@@ -202,7 +255,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
     bounds, loops = _query_blocks(mask, refs, k_tile, batch, bq,
                                   mt.CONSUMERS * bk, split)
     num_q = bounds[3] - bounds[0]
-    walk = _Walk(num_q, bounds[3], k_tile, rotated)
+    walk = _Walk(num_q, bounds[0], bounds[3], k_tile, order)
     key0 = mt.own_rows(k_tile, wg, bk)[0]
     # dK and dV are staged in the K and V slot.
     kv_slot, next_kv = mt.operand_slot(
@@ -262,12 +315,12 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
           _dq_tile(wg, i, scratch, split=split, bq=bq, hp=hp)
         return dk, dv
 
-      if rotated:  # one unmasked run
+      if order == ROTATED:  # one unmasked run
         return lax.fori_loop(
             0, num_q, lambda s, c: step(walk.block(s), c, masked=False),
             carry)
       return mt.visit_runs(bounds, loops, step, carry,
-                           reverse=True)
+                           reverse=order == DOWN)
 
     zeros = mt.wgmma_zeros((bk, hp))
     dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
@@ -331,7 +384,7 @@ def _dq_tile(wg, i, scratch, *, split: str, bq: int, hp: int):
 
 
 def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
-                   tiles: mt.Tiles, split, rotated: bool):
+                   tiles: mt.Tiles, split, order: str):
   """The TMA warpgroup: Q, LSE (and segment ids), dO and delta of every
   step of each of the CTA's key tiles into the ring, which runs on across
   tiles; with the fused dQ, also the ordered adds of the dQ tiles."""
@@ -344,7 +397,7 @@ def _dkdv_producer(refs, scratch, sems, *, mask, blocks, group: int,
                            mt.CONSUMERS * blocks.block_k_dkv, split)[0]
     num_q = bounds[3] - bounds[0]
     divisor = jnp.maximum(num_q, 1)
-    walk = _Walk(divisor, bounds[3], k_tile, rotated)
+    walk = _Walk(divisor, bounds[0], bounds[3], k_tile, order)
 
     def head_and_rows(i):  # the inverse of walk.step
       g = lax.div(i, divisor)
@@ -384,9 +437,9 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
   def semaphore(head, q_block):
     """(the float32 sum, the counter of (sum, batch, head, query block), our
     rank in its order: `_Walk.add_order`)."""
-    first = 0 if walk.rotated else mask.key_blocks(
-        q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[0]
-    part, rank = walk.add_order(q_block, first)
+    last = None if walk.order == ROTATED else mask.key_blocks(
+        q_block, bq, mt.CONSUMERS * blocks.block_k_dkv)[3] - 1
+    part, rank = walk.add_order(q_block, last)
     index = ((part * num_batch + batch) * num_heads
              + head) * num_q_blocks + q_block
     return refs["dq"].at[part, batch], sems.at[index], rank
@@ -424,7 +477,7 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
 
 
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
-                 rotated: bool, num_sems: int, tiles: mt.Tiles):
+                 order: str, num_sems: int, tiles: mt.Tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
   # The fused dQ visits every block of the position range (_query_blocks).
@@ -436,7 +489,7 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
   sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
           if split else None)
   common = dict(mask=mask, blocks=blocks, group=group, split=split,
-                tiles=tiles, rotated=rotated)
+                tiles=tiles, order=order)
   mt.warp_specialize(
       lambda wg: _dkdv_consumer(wg, refs, scratch, score=score, **common),
       lambda: _dkdv_producer(refs, scratch, sems, **common))
@@ -641,21 +694,22 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   dk_dv = [out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
            for x in (k, v)]
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
-  split = _dq_split(blocks, hp, mask, sum(key_costs) / num_k_tiles,
+  split = _dq_split(blocks, hp, mask, key_costs, num_kv_heads * batch,
                     rotatable=_rotatable(mask, num_q_blocks, num_k_tiles))
-  rotated = _rotates(mask, split, num_q_blocks, num_k_tiles)
+  order = _walk_order(mask, split, num_q_blocks, num_k_tiles)
   # The fused dQ's float32 sums (two when rotated, `_fused_dq_producer`).
-  dq_sum = [out_struct((2 if rotated else 1, batch, tp, num_heads, hp),
+  dq_sum = [out_struct((2 if order == ROTATED else 1, batch, tp, num_heads,
+                        hp),
                        jnp.float32, q)]
   dkdv_tiles = mt.Tiles.make(
       key_costs, num_kv_heads, batch,
       persistent=(blocks.persistent and not split
                   and _fits_two_kv_slots(blocks, hp, q.dtype)
                   and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
-      last_first=False)
+      last_first=order == UP)
   outs = plgpu.kernel(
       functools.partial(_dkdv_kernel, mask=mask, score=score, blocks=blocks,
-                        group=group, split=split, rotated=rotated,
+                        group=group, split=split, order=order,
                         tiles=dkdv_tiles,
                         num_sems=dq_sum[0].shape[0] * batch * num_heads
                         * num_q_blocks),

@@ -55,9 +55,12 @@ class MosaicBlocks:
     (head_dim pads to 128, or to 64 with block_q_dkv >= 128; elsewhere, at
     head_dim > 128 or 64 with 64-row blocks, the separate dQ kernel runs).
     None (the default): only where it was measured faster on an H100, at
-    head_dim 64 with no mask cutting blocks, from 16 steps per key tile
-    where the walk rotates (no mask and T >= S; from 2k tokens), else from
-    64 (benchmarks/NOTES.md items 13, 19 and 42). False: never.
+    head_dim 64 without segment ids: with no mask, from 16 steps per key
+    tile where the walk rotates (T >= S; from 2k tokens), else from 64;
+    under a causal mask or window, from 16 steps (4k causal) where the
+    longest key tile is short against an SM's share (not with 4 query heads
+    per kv head at 16k) (benchmarks/NOTES.md items 13, 19, 42 and 43).
+    False: never.
   overlap: the forward overlaps each consumer's softmax with its own
     matmuls (block j's S = Q K^T issued with block j-1's O += P V; FA3's
     intra-warpgroup pipelining), on top of the ping-pong between the two

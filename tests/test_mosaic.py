@@ -367,6 +367,23 @@ def test_fused_dq_rotated(shape, hopper):
                           implementation="mosaic")
 
 
+@pytest.mark.parametrize("shape,mask_kwargs", [
+    pytest.param((1, 2048, 2048, 4, 2, 64, True), {}, id="2048-h64-gqa"),
+    pytest.param((2, 1500, 900, 2, 1, 64, True),
+                 dict(causal_alignment="bottom_right"), id="1500x900-h64"),
+    pytest.param((1, 1024, 1024, 2, 2, 128, True), {}, id="1024-h128"),
+    pytest.param((1, 2048, 2048, 2, 2, 64, True),
+                 dict(local_window_size=(500, 0)), id="2048-h64-window"),
+])
+def test_fused_dq_up_walk(shape, mask_kwargs, hopper):
+  """Causal masks and a window: the fused dQ's UP walk, 8-16 key tiles
+  adding into a query block, the last one first (`mosaic_backward._Walk`)."""
+  check_against_reference(shape, jnp.bfloat16, False,
+                          mask_fn=lambda b, t, s: mask_kwargs,
+                          block_sizes=fused_dq_tiles(shape[5]), seed=17,
+                          implementation="mosaic")
+
+
 @pytest.mark.parametrize("num_q,num_k", [(1, 1), (2, 2), (5, 5), (8, 8),
                                          (5, 2), (8, 3)])
 def test_rotated_walk_adds_one_step_apart(num_q, num_k):
@@ -375,13 +392,14 @@ def test_rotated_walk_adds_one_step_apart(num_q, num_k):
   1, ... in launch (tile) order, one step apart, so a tile waits only for
   the one launched before it; sum 1 is empty only in block 0 and sum 0
   only past the last key tile (`_finish_dq` drops them there)."""
-  starts = {int(mosaic_backward._Walk(num_q, num_q, k, True).block(0))
+  starts = {int(mosaic_backward._Walk(num_q, 0, num_q, k, mosaic_backward.ROTATED).block(0))
             for k in range(num_k)}
   assert len(starts) == num_k
   for q_block in range(num_q):
     order = {}
     for k_tile in range(num_k):
-      walk = mosaic_backward._Walk(num_q, num_q, k_tile, True)
+      walk = mosaic_backward._Walk(num_q, 0, num_q, k_tile,
+                                   mosaic_backward.ROTATED)
       blocks = [int(walk.block(s)) for s in range(num_q)]
       assert sorted(blocks) == list(range(num_q))
       step = blocks.index(q_block)
@@ -399,45 +417,103 @@ def test_rotated_walk_adds_one_step_apart(num_q, num_k):
     assert any(p == 0 for p, _ in order) == (q_block < num_k)
 
 
-def test_walk_in_tile_order_unrotated():
-  """Without rotation: last query block first, ranks in tile order."""
-  walk = mosaic_backward._Walk(4, 6, 3, False)
+def test_walk_down_without_fused_dq():
+  """The separate dQ kernel's walk: last query block first."""
+  walk = mosaic_backward._Walk(4, 2, 6, 3, mosaic_backward.DOWN)
   assert [int(walk.block(s)) for s in range(4)] == [5, 4, 3, 2]
   assert int(walk.step(1, 4)) == 5
-  assert walk.add_order(4, first_k_tile=1) == (0, 2)
 
 
-@pytest.mark.parametrize("causal,num_q,num_k,split,rotated", [
-    (False, 8, 8, "rows", True),
-    (True, 8, 8, "rows", False),  # key tiles see different query blocks
-    (False, 16, 8, "cols", True),  # head_dim 128: 64-row query blocks
-    (False, 4, 8, "rows", False),  # fewer query blocks than key tiles
-    (False, 8, 8, None, False),  # the separate dQ kernel
+@pytest.mark.parametrize("rule,block_q", [
+    (dict(seq_len_q=1024, seq_len_k=1024, is_causal=True), 128),
+    (dict(seq_len_q=1024, seq_len_k=1024, is_causal=True), 64),
+    (dict(seq_len_q=1000, seq_len_k=700, is_causal=True, offset=-300), 128),
+    (dict(seq_len_q=1024, seq_len_k=1024, is_causal=True,
+          window_left=300), 128),
+    (dict(seq_len_q=900, seq_len_k=1100, window_left=200,
+          window_right=130), 64),
+    (dict(seq_len_q=500, seq_len_k=900), 128),  # every tile, every block
 ])
-def test_where_the_walk_rotates(causal, num_q, num_k, split, rotated):
+def test_up_walk_waits_only_on_tiles_launched_before(rule, block_q):
+  """The fused dQ's UP walk under a band: the key tiles that visit a query
+  block add into it from the last one down, each rank once, so a tile
+  waits only for a higher tile, which launches before it
+  (`Tiles(last_first=True)`) and, under a causal mask, reached the block
+  one step (two with 64-row blocks) earlier: no deadlock, no wait."""
+  mask = MaskRule(**rule)
+  tile = 2 * 64
+  num_k = -(-mask.seq_len_k // tile)
+  num_q = -(-mask.seq_len_q // block_q)
+  arrivals = {}  # query block -> {rank: (key tile, step)}
+  for k_tile in range(num_k):
+    start, _, _, end = mask.query_blocks(k_tile, block_q, tile)
+    walk = mosaic_backward._Walk(max(end - start, 1), start, end, k_tile,
+                                 mosaic_backward.UP)
+    for s in range(end - start):
+      q_block = int(walk.block(s))
+      assert int(walk.step(1, q_block)) == (end - start) + s
+      last = mask.key_blocks(q_block, block_q, tile)[3] - 1
+      part, rank = walk.add_order(q_block, last)
+      assert part == 0 and rank not in arrivals.setdefault(q_block, {})
+      arrivals[q_block][rank] = (k_tile, s)
+  assert arrivals
+  for q_block, by_rank in arrivals.items():
+    assert sorted(by_rank) == list(range(len(by_rank)))
+    for rank in range(1, len(by_rank)):
+      (tile_, step), (before, step_before) = by_rank[rank], by_rank[rank - 1]
+      assert before == tile_ + 1
+      if mask.is_causal and mask.window_left is None:
+        assert step - step_before == tile // block_q
+
+
+@pytest.mark.parametrize("causal,num_q,num_k,split,order", [
+    (False, 8, 8, "rows", "rotated"),
+    (True, 8, 8, "rows", "up"),  # key tiles see different query blocks
+    (False, 16, 8, "cols", "rotated"),  # head_dim 128: 64-row query blocks
+    (False, 4, 8, "rows", "up"),  # fewer query blocks than key tiles
+    (False, 8, 8, None, "down"),  # the separate dQ kernel
+])
+def test_walk_order(causal, num_q, num_k, split, order):
   mask = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=causal)
-  assert mosaic_backward._rotates(mask, split, num_q, num_k) == rotated
+  assert mosaic_backward._walk_order(mask, split, num_q, num_k) == order
+
+
+def _causal_costs(num_tiles, group=1):
+  """The steps of a causal mask's key tiles, one query block per tile."""
+  return [group * (num_tiles - j) for j in range(num_tiles)]
+
+
+CAUSAL = dict(is_causal=True)
 
 
 @pytest.mark.parametrize(
-    "fused_dq,head_dim,causal,mean_steps,rotatable,split", [
-    (None, 64, False, 128, False, "rows"),  # long key tiles, walk in order
-    (None, 64, False, 64, False, None),  # two persistent kernels
-    (None, 64, False, 16, True, "rows"),  # the rotated walk, from 2k on
-    (None, 64, False, 8, True, None),  # 1k: two persistent kernels
-    (None, 64, True, 128, True, None),  # a causal mask: slower fused
-    (None, 128, False, 256, True, None),  # head_dim 128: slower fused
-    (True, 128, True, 8, False, "cols"),
-    (True, 64, False, 8, False, "rows"),
-    (False, 64, False, 128, True, None),
-    (True, 256, False, 128, True, None),  # dS and dQ do not fit in smem
+    "fused_dq,head_dim,rule,costs,copies,rotatable,split", [
+    (None, 64, {}, [128] * 8, 32, False, "rows"),  # long key tiles
+    (None, 64, {}, [64] * 8, 32, False, None),  # two persistent kernels
+    (None, 64, {}, [16] * 8, 32, True, "rows"),  # the rotated walk, 2k on
+    (None, 64, {}, [8] * 8, 32, True, None),  # 1k: two persistent kernels
+    # Causal, the UP walk: 16k (tail 0.06) and 4k, not 2k (8.5 steps),
+    # nor 16k with 4 query heads per kv head (tail 0.26), nor segments.
+    (None, 64, CAUSAL, _causal_costs(128), 32, False, "rows"),
+    (None, 64, CAUSAL, _causal_costs(32), 4 * 32, False, "rows"),
+    (None, 64, CAUSAL, _causal_costs(16), 8 * 32, False, None),
+    (None, 64, CAUSAL, _causal_costs(128, group=4), 8, False, None),
+    (None, 64, dict(is_causal=True, has_segments=True), _causal_costs(128),
+     32, False, None),
+    (None, 128, CAUSAL, _causal_costs(256), 16, False, None),  # slower
+    (None, 128, {}, [256] * 8, 16, True, None),  # head_dim 128: level
+    (True, 128, CAUSAL, [8] * 8, 1, False, "cols"),
+    (True, 64, {}, [8] * 8, 1, False, "rows"),
+    (False, 64, {}, [128] * 8, 32, True, None),
+    (True, 256, {}, [128] * 8, 32, True, None),  # dS and dQ: no room
 ])
-def test_where_dq_is_fused(fused_dq, head_dim, causal, mean_steps, rotatable,
-                           split):
+def test_where_dq_is_fused(fused_dq, head_dim, rule, costs, copies,
+                           rotatable, split, monkeypatch):
+  monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 132)
   blocks = dataclasses.replace(fa2_jax.default_mosaic_blocks(head_dim),
                                fused_dq=fused_dq)
-  mask = MaskRule(seq_len_q=1024, seq_len_k=1024, is_causal=causal)
-  assert mosaic_backward._dq_split(blocks, head_dim, mask, mean_steps,
+  mask = MaskRule(seq_len_q=1024, seq_len_k=1024, **rule)
+  assert mosaic_backward._dq_split(blocks, head_dim, mask, costs, copies,
                                    rotatable) == split
 
 
