@@ -12,8 +12,10 @@ a fixed order.
   sees the keys. Per step: S^T = K Q^T, P^T = exp(S^T - LSE),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
   The dK/dV kernel walks its query blocks from last to first (`_Walk`).
-* dQ: one CTA per (CONSUMERS * block_q rows, query head, batch); each
-  consumer keeps Q and dO, the producer streams K and V:
+* dQ: one CTA per (CONSUMERS * block_q rows, query head, batch), or,
+  where the tiles are short, persistent (at head_dim 64 the next tile's Q
+  and dO load during this one); each consumer keeps Q and dO, the producer
+  streams K and V:
   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 * Or, with `MosaicBlocks(fused_dq=True)`, dQ inside the dK/dV kernel (FA2's
   5 matmuls instead of 7): the consumers pass dS^T through shared memory,
@@ -500,6 +502,13 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
 # at head_dim 128, 256 steps: 481 TFLOP/s persistent vs 491 one CTA per
 # tile on an H100; benchmarks/NOTES.md item 17).
 MAX_PERSISTENT_STEPS = 64
+# The dQ kernel runs persistent (`mt.Tiles`; at head_dim 64 with the next
+# tile's Q and dO loading during this one) where its query tiles average
+# at most this many key blocks: 1k tokens, windows, packed documents (H100,
+# fwd+bwd: 1k causal head_dim 64 296-298 vs 280-285 TFLOP/s, 128 354-355
+# vs 348; a 1k window at 16k 1.457-1.462 vs 1.485-1.492 ms; unmasked 1k
+# level; benchmarks/NOTES.md item 44).
+MAX_PERSISTENT_DQ_STEPS = 16
 
 
 def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
@@ -513,15 +522,14 @@ def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
   return [group * c for c in costs]
 
 
-def _fits_two_kv_slots(blocks: mt.MosaicBlocks, head_dim: int,
-                       dtype) -> bool:
-  """Whether the next key tile's K and V can load into shared memory beside
-  this tile's and the ring of Q and dO (what the persistent dK/dV kernel
-  needs)."""
+def _fits_two_slots(own_rows: int, ring_rows: int, stages: int,
+                    head_dim: int, dtype) -> bool:
+  """Whether two slots of a CTA's own pair of [own_rows, H] operands (the
+  dK/dV kernel's K and V, the dQ kernel's Q and dO) fit in shared memory
+  beside the ring of `stages` pairs of [ring_rows, H] tiles: what the
+  persistent kernels need to load the next tile's during this one."""
   row = jnp.dtype(dtype).itemsize * head_dim
-  kv_tile = 2 * mt.CONSUMERS * blocks.block_k_dkv * row
-  ring = 2 * blocks.stages * blocks.block_q_dkv * row
-  return 2 * kv_tile + ring <= mt.PERSISTENT_SMEM
+  return 2 * (2 * own_rows + stages * ring_rows) * row <= mt.PERSISTENT_SMEM
 
 
 def _dkdv_scratch(mask, blocks, hp: int, dtype, split, kv_slots: int):
@@ -564,12 +572,22 @@ def _dkdv_scratch(mask, blocks, hp: int, dtype, split, kv_slots: int):
 # ---------------------------------------------------------------- dQ
 
 def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
+  """One consumer warpgroup: rows [q_tile * 2 bq + wg * bq, + bq) of each
+  of the CTA's query tiles, with Q and dO in shared memory and dQ in
+  registers; with two operand slots, the next tile's Q, dO, LSE and delta
+  load during this one."""
   bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
   bars = scratch["bars"]
   dtype = refs["q"].dtype
-  q_smem, do_smem = scratch["q"].at[wg], scratch["do"].at[wg]
-  ready = bars["q"].at[wg]
+  q_slots = scratch["q"].shape[0]
+  cta = lax.axis_index("cta")
+  num_tiles = tiles.count(cta)
   one_sided = mask.one_sided_runs(mt.CONSUMERS * bq, bk, query_major=True)
+
+  def load_q(t, slot):  # Q, dO and their statistics of local tile t
+    mt.load_own(refs, scratch, ["q", "do", "lse", "delta"]
+                + (["q_seg"] if mask.has_segments else []), bars["q"],
+                tiles=tiles, cta=cta, t=t, wg=wg, slot=slot, block=bq)
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
@@ -577,15 +595,16 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
                                     q_tile, mt.CONSUMERS * bq, bk,
                                     query_major=True)
     row0, rows = mt.own_rows(q_tile, wg, bq)
-    mt.copy_rows(refs, ["q", "do", "lse", "delta"]
-                 + (["q_seg"] if mask.has_segments else []),
-                 lambda name: scratch[name].at[wg], ready, batch=batch,
-                 rows=rows, head=head)
-    plgpu.barrier_wait(ready)
-    lse2 = mt.load_vector(scratch["lse"].at[wg], axis=0)
-    delta = mt.load_vector(scratch["delta"].at[wg], axis=0)
-    q_seg = (mt.load_vector(scratch["q_seg"].at[wg], axis=0)
-             if mask.has_segments else None)
+    # dQ is staged in the Q slot.
+    q_slot, next_q = mt.operand_slot(
+        t, num_tiles, q_slots, load_q,
+        lambda slot: mt.own_slot(bars["q"], slot, wg))
+    q_smem, do_smem = (scratch[name].at[q_slot, wg] for name in ("q", "do"))
+    vector = lambda name: mt.load_vector(scratch[name].at[q_slot, wg],
+                                         axis=0)
+    lse2, delta = vector("lse"), vector("delta")
+    q_seg = vector("q_seg") if mask.has_segments else None
+    num_blocks = bounds[3] - bounds[0]
 
     def step(kv_block, dq, *, masked):
       slot = mt.slot_of(mt.key_ring_step(first, bounds, kv_block), stages)
@@ -597,6 +616,9 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
         s_ref, dp_ref = refs_
         plgpu.wgmma(s_ref, q_smem, k_smem.T)
         plgpu.wgmma(dp_ref, do_smem, v_smem.T)
+        if next_q:  # the next tile's Q and dO load under this tile
+          pl.when(kv_block == bounds[0] + mt.prefetch_step(num_blocks))(
+              next_q)
 
       zeros = mt.wgmma_zeros((bq, bk))
       s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros),
@@ -620,13 +642,15 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
 
     dq = mt.visit_runs(bounds, loops, step,
                        mt.wgmma_zeros((bq, q_smem.shape[-1])))
+    if next_q:
+      pl.when(num_blocks == 0)(next_q)  # a tile with no step
     q_smem[...] = (dq * score.scale).astype(dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, refs["dq"].at[batch, rows, head])
-    # Q's buffer is refilled by the next tile.
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-    return first + bounds[3] - bounds[0]
+    return first + num_blocks
 
+  if q_slots > 1:
+    pl.when(num_tiles > 0)(lambda: load_q(0, 0))
   tiles.loop(tile, jnp.int32(0))
   plgpu.wait_smem_to_gmem(0)
 
@@ -634,26 +658,29 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
 def _dq_kernel(*args, mask, score, blocks, group: int, tiles):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg", "seg_range"] if mask.has_segments else []
+  names += tiles.input_names()
   mt.query_major_kernel(
       args, names + ["dq"],
       functools.partial(_dq_consumer, mask=mask, score=score, blocks=blocks),
       mask=mask, blocks=blocks, group=group, tiles=tiles)
 
 
-def _dq_scratch(mask, blocks, hp: int, dtype):
+def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int):
   bq = blocks.block_q
   segs = 1 if mask.has_segments else 0
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
                                        hp, dtype)
+  rows = (q_slots, mt.CONSUMERS, bq)
   scratch = dict(
-      q=mt.tile_smem((mt.CONSUMERS, bq, hp), dtype),
-      do=mt.tile_smem((mt.CONSUMERS, bq, hp), dtype),
-      lse=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32),
-      delta=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32), **ring,
+      q=mt.tile_smem((*rows, hp), dtype),
+      do=mt.tile_smem((*rows, hp), dtype),
+      lse=plgpu.SMEM(rows, jnp.float32),
+      delta=plgpu.SMEM(rows, jnp.float32), **ring,
       bars=dict(q=plgpu.Barrier(num_arrivals=4 + segs,
-                                num_barriers=mt.CONSUMERS), **ring_bars))
+                                num_barriers=q_slots * mt.CONSUMERS),
+                **ring_bars))
   if mask.has_segments:
-    scratch["q_seg"] = plgpu.SMEM((mt.CONSUMERS, bq), jnp.int32)
+    scratch["q_seg"] = plgpu.SMEM(rows, jnp.int32)
   return scratch
 
 
@@ -704,7 +731,9 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   dkdv_tiles = mt.Tiles.make(
       key_costs, num_kv_heads, batch,
       persistent=(blocks.persistent and not split
-                  and _fits_two_kv_slots(blocks, hp, q.dtype)
+                  and _fits_two_slots(mt.CONSUMERS * blocks.block_k_dkv,
+                                      blocks.block_q_dkv, blocks.stages, hp,
+                                      q.dtype)
                   and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
       last_first=order == UP)
   outs = plgpu.kernel(
@@ -727,18 +756,27 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                     mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype,
                     num_k_tiles)
   else:
-    # Not persistent: no room to prefetch Q and dO, and no gain measured.
-    tiles = mt.Tiles.one_per_tile(
-        tp // (mt.CONSUMERS * blocks.block_q), num_heads, batch)
+    num_q_tiles = tp // (mt.CONSUMERS * blocks.block_q)
+    costs = mt.tile_costs(
+        lambda i: mask.key_blocks(i, mt.CONSUMERS * blocks.block_q,
+                                  blocks.block_k_dq), num_q_tiles)
+    tiles = mt.Tiles.make(
+        costs, num_heads, batch,
+        persistent=(blocks.persistent and
+                    sum(costs) <= MAX_PERSISTENT_DQ_STEPS * num_q_tiles))
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, mask=mask, score=score,
                           blocks=dq_blocks, group=group, tiles=tiles),
         out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
-        scratch_types=[_dq_scratch(mask, dq_blocks, hp, q.dtype)],
+        scratch_types=[_dq_scratch(
+            mask, dq_blocks, hp, q.dtype,
+            2 if tiles.persistent and _fits_two_slots(
+                mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,
+                blocks.stages, hp, q.dtype) else 1)],
         grid=(tiles.num_ctas,), grid_names=("cta",), **common)(
             *inputs, *mt.segment_ranges(
                 segments, mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,
-                query_major=True))
+                query_major=True), *tiles.inputs())
   return (dq[:, :seq_len_q, :, :head_dim], dk[:, :seq_len_k, :, :head_dim],
           dv[:, :seq_len_k, :, :head_dim])
 

@@ -75,14 +75,15 @@ class MosaicBlocks:
     it was 1-2% slower (benchmarks/NOTES.md item 28). Only persistent CTAs
     (several tiles each) see a difference; with `overlap` the consumers'
     turns already run on.
-  persistent: the forward and the dK/dV kernel run one CTA per SM that
-    loops over its tiles, loading the next tile's Q (dK/dV: K and V) while
-    it finishes the current one. Takes effect where two such slots and the
-    ring fit in shared memory (head_dim <= 128 with 2 stages) and
-    `Tiles.make` takes a static schedule (the forward: not a causal mask
-    over 16k tokens at head_dim 128; dK/dV: key tiles averaging at most 64
-    steps, 32 where they differ in length, and no fused dQ); otherwise one
-    CTA per tile.
+  persistent: the forward and the dK/dV and dQ kernels run one CTA per SM
+    that loops over its tiles, loading the next tile's Q (dK/dV: K and V;
+    dQ: Q and dO) while it finishes the current one where two such slots
+    and the ring fit in shared memory (head_dim <= 128 with 2 stages; dQ:
+    64). Takes effect where `Tiles.make` takes a static schedule (the
+    forward: not a causal mask over 16k tokens at head_dim 128; dK/dV: key
+    tiles averaging at most 64 steps, 32 where they differ in length, and
+    no fused dQ; dQ: query tiles averaging at most 16 key blocks);
+    otherwise one CTA per tile.
   """
   block_q: int = 64
   block_k: int = 128
