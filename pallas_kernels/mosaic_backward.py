@@ -183,10 +183,13 @@ class _Walk:
   CTAs launch in `mt.Tiles` order), and should find their adds done, so
   that it does not wait at all:
   - DOWN: from last to first (the separate dQ kernel).
-  - UP: from first to last. A band's (causal, window) key tiles start one
-    block apart, so at each step they are at different blocks: block b
-    gets its tiles from the last one down, each one step after the one
-    before, and the tiles launch last first (`Tiles(last_first=True)`).
+  - UP: from first to last; block b gets its tiles from the last one down,
+    and the tiles launch last first (`Tiles(last_first=True)`). Under a
+    causal mask or window the key tiles start one or two blocks apart, so
+    at each step they are at different blocks and each reaches block b a
+    step or two after the tile before it in b's order. (Without a mask
+    and T < S, not rotatable, all start at block 0 and the adds of a step
+    follow each other.)
   - ROTATED (`_rotatable`: every key tile visits every block): key tile j
     starts at block j and walks down from there, wrapping around. Block b
     gets tiles b, b+1, ... at steps 0, 1, ... into one float32 sum and
