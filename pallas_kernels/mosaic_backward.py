@@ -668,6 +668,20 @@ def _dq_kernel(*args, mask, score, blocks, group: int, tiles):
       mask=mask, blocks=blocks, group=group, tiles=tiles)
 
 
+def _dq_tiles(mask: MaskRule, blocks: mt.MosaicBlocks, num_q_tiles: int,
+              num_heads: int, batch: int) -> mt.Tiles:
+  """The dQ kernel's CTAs: persistent where its query tiles average at
+  most MAX_PERSISTENT_DQ_STEPS key blocks (and `Tiles.make` balances them),
+  else one per tile."""
+  costs = mt.tile_costs(
+      lambda i: mask.key_blocks(i, mt.CONSUMERS * blocks.block_q,
+                                blocks.block_k_dq), num_q_tiles)
+  return mt.Tiles.make(
+      costs, num_heads, batch,
+      persistent=(blocks.persistent
+                  and sum(costs) <= MAX_PERSISTENT_DQ_STEPS * num_q_tiles))
+
+
 def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int):
   bq = blocks.block_q
   segs = 1 if mask.has_segments else 0
@@ -759,14 +773,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                     mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype,
                     num_k_tiles)
   else:
-    num_q_tiles = tp // (mt.CONSUMERS * blocks.block_q)
-    costs = mt.tile_costs(
-        lambda i: mask.key_blocks(i, mt.CONSUMERS * blocks.block_q,
-                                  blocks.block_k_dq), num_q_tiles)
-    tiles = mt.Tiles.make(
-        costs, num_heads, batch,
-        persistent=(blocks.persistent and
-                    sum(costs) <= MAX_PERSISTENT_DQ_STEPS * num_q_tiles))
+    tiles = _dq_tiles(mask, blocks, tp // (mt.CONSUMERS * blocks.block_q),
+                      num_heads, batch)
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, mask=mask, score=score,
                           blocks=dq_blocks, group=group, tiles=tiles),

@@ -280,6 +280,30 @@ def test_key_tiles_heaviest_first():
   assert costs == [2 * (16 - 2 * i) for i in range(8)]
 
 
+@pytest.mark.parametrize("rule,batch,heads,persistent", [
+    (dict(seq_len_q=1024, seq_len_k=1024), 16, 32, True),  # 8 key blocks
+    (dict(seq_len_q=1024, seq_len_k=1024, is_causal=True), 16, 16, True),
+    (dict(seq_len_q=16384, seq_len_k=16384, is_causal=True,
+          window_left=1024), 1, 32, True),
+    (dict(seq_len_q=4096, seq_len_k=4096), 4, 16, False),  # 32 blocks
+    (dict(seq_len_q=16384, seq_len_k=16384, is_causal=True), 1, 16, False),
+])
+def test_dq_kernel_persistent_where_tiles_are_short(rule, batch, heads,
+                                                    persistent, monkeypatch):
+  """The dQ kernel runs persistent only where its query tiles average at
+  most 16 key blocks (`MAX_PERSISTENT_DQ_STEPS`): 1k tokens and windows."""
+  monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 132)
+  mask = MaskRule(**rule)
+  for head_dim in (64, 128):
+    blocks = fa2_jax.default_mosaic_blocks(head_dim)
+    tiles = mosaic_backward._dq_tiles(mask, blocks,
+                                      mask.seq_len_q // 128, heads, batch)
+    assert tiles.persistent == persistent
+    off = dataclasses.replace(blocks, persistent=False)
+    assert not mosaic_backward._dq_tiles(mask, off, mask.seq_len_q // 128,
+                                         heads, batch).persistent
+
+
 @pytest.fixture
 def few_sms(monkeypatch):
   """The persistent forward and dK/dV kernels on 3 CTAs, so that each runs
