@@ -525,16 +525,6 @@ def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
   return [group * c for c in costs]
 
 
-def _fits_two_slots(own_rows: int, ring_rows: int, stages: int,
-                    head_dim: int, dtype) -> bool:
-  """Whether two slots of a CTA's own pair of [own_rows, H] operands (the
-  dK/dV kernel's K and V, the dQ kernel's Q and dO) fit in shared memory
-  beside the ring of `stages` pairs of [ring_rows, H] tiles: what the
-  persistent kernels need to load the next tile's during this one."""
-  row = jnp.dtype(dtype).itemsize * head_dim
-  return 2 * (2 * own_rows + stages * ring_rows) * row <= mt.PERSISTENT_SMEM
-
-
 def _dkdv_scratch(mask, blocks, hp: int, dtype, split, kv_slots: int):
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   segs = 1 if mask.has_segments else 0
@@ -748,9 +738,9 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   dkdv_tiles = mt.Tiles.make(
       key_costs, num_kv_heads, batch,
       persistent=(blocks.persistent and not split
-                  and _fits_two_slots(mt.CONSUMERS * blocks.block_k_dkv,
-                                      blocks.block_q_dkv, blocks.stages, hp,
-                                      q.dtype)
+                  and mt.fits_two_slots(
+                      2 * mt.CONSUMERS * blocks.block_k_dkv,
+                      2 * blocks.stages * blocks.block_q_dkv, hp, q.dtype)
                   and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
       last_first=order == UP)
   outs = plgpu.kernel(
@@ -781,9 +771,10 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
         out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
         scratch_types=[_dq_scratch(
             mask, dq_blocks, hp, q.dtype,
-            2 if tiles.persistent and _fits_two_slots(
-                mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,
-                blocks.stages, hp, q.dtype) else 1)],
+            2 if tiles.persistent and mt.fits_two_slots(
+                2 * mt.CONSUMERS * blocks.block_q,
+                2 * blocks.stages * blocks.block_k_dq, hp, q.dtype)
+            else 1)],
         grid=(tiles.num_ctas,), grid_names=("cta",), **common)(
             *inputs, *mt.segment_ranges(
                 segments, mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,

@@ -305,15 +305,6 @@ def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
       mask=mask, blocks=blocks, group=group, tiles=tiles)
 
 
-def _fits_two_q_slots(blocks: mt.MosaicBlocks, head_dim: int, dtype) -> bool:
-  """Whether the next tile's Q can load into shared memory beside this
-  tile's Q and the ring (what the persistent forward needs)."""
-  size = jnp.dtype(dtype).itemsize * head_dim
-  q_tile = mt.CONSUMERS * blocks.block_q * size
-  ring = 2 * blocks.stages * blocks.block_k * size
-  return 2 * q_tile + ring <= mt.PERSISTENT_SMEM
-
-
 def _max_mean_varied(head_dim: int):
   """The longest mean tile (key blocks) at which the forward's tiles of
   varied lengths (causal) still run persistent: any at head_dim 64, where
@@ -372,7 +363,9 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       mt.tile_costs(lambda i: mask.key_blocks(i, rows_per_cta,
                                               blocks.block_k),
                     tp // rows_per_cta), num_heads, batch,
-      persistent=blocks.persistent and _fits_two_q_slots(blocks, hp, q.dtype),
+      persistent=blocks.persistent and mt.fits_two_slots(
+          mt.CONSUMERS * blocks.block_q, 2 * blocks.stages * blocks.block_k,
+          hp, q.dtype),
       max_mean_varied=_max_mean_varied(hp))
   # A CTA with several tiles loads the next one's Q during this one.
   q_slots = 2 if tiles.persistent else 1

@@ -178,6 +178,17 @@ MAX_MEAN_COST_VARIED = 32
 PERSISTENT_SMEM = 200 * 1024
 
 
+def fits_two_slots(own_rows: int, ring_rows: int, head_dim: int,
+                   dtype) -> bool:
+  """Whether a second slot of a CTA's own per-tile operands (own_rows rows
+  of [H] in all: the forward's Q, the dK/dV kernel's K and V, the dQ
+  kernel's Q and dO) fits in shared memory beside the first and the ring
+  (ring_rows rows in all): what a persistent kernel needs to load the
+  next tile's operands during this one."""
+  row = jnp.dtype(dtype).itemsize * head_dim
+  return (2 * own_rows + ring_rows) * row <= PERSISTENT_SMEM
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """The (tile, head, batch) work items of a kernel parallel over tiles of
