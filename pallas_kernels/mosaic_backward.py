@@ -82,7 +82,7 @@ LOAD_WARP, ADD_WARP = 0, 1
 # 376-382 vs 354-356 TFLOP/s fwd+bwd; 2k: 395, 386 vs 411, 408;
 # benchmarks/NOTES.md item 42). Under a band (the UP walk) likewise: 2k
 # causal (8.5 steps) 342 vs 349, 1k 264 vs 283 (item 43).
-MIN_ROTATED_STEPS = 16
+MIN_FUSED_STEPS = 16
 # Under a band the UP walk launches the key tiles shortest first, so the
 # longest tile of the last head starts last: the default fuses only where
 # it is short against an SM's share of all steps (the tail, `_up_tail`):
@@ -105,11 +105,11 @@ def _fusing_pays(head_dim: int, mask: MaskRule, key_costs: list,
   items 35 and 43), never with segment ids (fused visits every block of
   their positions):
   - no mask cutting blocks, at least as many query blocks as key tiles
-    (`rotatable`: the rotated walk) and MIN_ROTATED_STEPS steps per key
+    (`rotatable`: the rotated walk) and MIN_FUSED_STEPS steps per key
     tile on average (H100, 4k: 429-432 vs 401-402 TFLOP/s fwd+bwd, 8k 453
     vs 406-408, 16k 462-466 vs 422-423; item 42), or more than
     MAX_PERSISTENT_STEPS (16k: 456 vs 415, item 19);
-  - a causal mask or window (the UP walk) from MIN_ROTATED_STEPS steps on
+  - a causal mask or window (the UP walk) from MIN_FUSED_STEPS steps on
     average, with a tail (`_up_tail`) of at most MAX_UP_TAIL (16k causal
     454 vs 427, 8k 430 vs 393, 4k 403-405 vs 380-396; item 43)."""
   if head_dim != 64 or not mask.dense_blocks:
@@ -117,8 +117,8 @@ def _fusing_pays(head_dim: int, mask: MaskRule, key_costs: list,
   mean_steps = sum(key_costs) / len(key_costs)
   if not mask.cuts_blocks:
     return mean_steps > MAX_PERSISTENT_STEPS or (
-        rotatable and mean_steps >= MIN_ROTATED_STEPS)
-  return (mean_steps >= MIN_ROTATED_STEPS
+        rotatable and mean_steps >= MIN_FUSED_STEPS)
+  return (mean_steps >= MIN_FUSED_STEPS
           and _up_tail(key_costs, copies) <= MAX_UP_TAIL)
 
 
