@@ -80,10 +80,6 @@ def _backward_params(variants, config: KernelConfig):
               **variants, **config.rules())
 
 
-# The widest head_dim whose backward the Hopper kernels run.
-MOSAIC_BACKWARD_HEAD_DIM = 128
-
-
 def _mosaic_rules(a, config: KernelConfig):
   return dict(segments=_segments(a), mask=config.mask, score=config.score,
               blocks=config.mosaic_blocks)
@@ -102,7 +98,7 @@ def _forward_launch(a, config: KernelConfig):
 
 def _backward_launch(a, config: KernelConfig):
   if (config.backend == "mosaic"
-      and a["q"].shape[-1] <= MOSAIC_BACKWARD_HEAD_DIM):
+      and a["q"].shape[-1] <= mosaic_backward.MAX_HEAD_DIM):
     return mosaic_backward.backward(
         a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
         **_mosaic_rules(a, config))

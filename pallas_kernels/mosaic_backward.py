@@ -67,6 +67,12 @@ def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
   return jnp.exp2(x - mt.broadcast(lse2, shape, query_axis)), t
 
 
+# The widest head_dim the Hopper backward runs: a consumer's registers
+# cannot hold dK and dV as [64, 256] float32 tiles (above it, `fa2_jax`'s
+# autodiff runs the Triton backward).
+MAX_HEAD_DIM = 128
+
+
 # ---------------------------------------------------------------- dK / dV
 
 # Ring depth of the fused kernel's float32 dQ tiles (consumers -> producer):
@@ -698,7 +704,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   """FlashAttention-2 backward on Hopper: dQ, dK, dV.
 
   Args:
-    q, do: [B, T, N, H]; k, v: [B, S, K, H] (float16 or bfloat16);
+    q, do: [B, T, N, H]; k, v: [B, S, K, H] (float16 or bfloat16), H <=
+      MAX_HEAD_DIM;
     lse, delta: [B, N, T] float32, lse in natural log, delta = rowsum(dO O).
     segments, mask, score, blocks: as in `mosaic_forward.forward`.
   Returns:
@@ -708,6 +715,10 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   hp = mt.padded_head_dim(head_dim)
+  if hp > MAX_HEAD_DIM:
+    raise NotImplementedError(
+        f"the Hopper backward runs head_dim <= {MAX_HEAD_DIM}, got "
+        f"{head_dim} (fa2_jax runs the Triton backward there)")
   # One padded length serves both kernels' query and key tiles.
   # The dQ kernel is query-major like the forward, with its own key tiles.
   dq_blocks = dataclasses.replace(blocks, block_k=blocks.block_k_dq)

@@ -19,6 +19,7 @@ from fa2_jax import backends
 from pallas_kernels import (mosaic_backward, mosaic_forward, mosaic_tiles,
                             schedule)
 from pallas_kernels.mask import MaskRule
+from pallas_kernels.scores import ScoreRule
 from tests import numerics, test_mask, test_schedule
 from tests.test_numerics import SHAPES, check_against_reference
 from tests.test_variants import CASES, lengths, packed_ids
@@ -103,6 +104,57 @@ def test_wide_key_tiles(shape, mask_name, hopper):
   check_against_reference(shape, jnp.bfloat16, False,
                           block_sizes=WIDE_KEY_TILES, mask_fn=mask_fn,
                           seed=15, implementation="mosaic")
+
+
+@pytest.mark.parametrize("head_dim,seq_len,rule_kwargs", [
+    (64, 1000, dict(is_causal=True)),
+    (64, 4096, {}),  # 256-key forward tiles, the rotated fused dQ
+    (64, 8192, dict(is_causal=True)),  # the UP walk of the fused dQ
+    (128, 1000, dict(is_causal=True)),
+    (64, 2000, dict(is_causal=True, window_left=300, window_right=0)),
+    (64, 1000, dict(is_causal=True, has_segments=True)),
+    (128, 1000, dict(window_left=200, window_right=100, has_segments=True)),
+    (256, 1000, dict(is_causal=True)),  # forward only
+])
+def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs):
+  """The forward and backward trace and lower through Mosaic GPU for CUDA on
+  any host, a CPU too: their shape, layout and shared-memory errors show
+  without a GPU (their numerics need one: the compiled tests)."""
+  rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len, **rule_kwargs)
+  blocks = fa2_jax.default_mosaic_blocks(
+      head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span)
+  kw = dict(mask=rule, score=ScoreRule(scale=0.125), blocks=blocks)
+  tokens = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((1, 4, seq_len), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  segments = (ids, ids) if rule.has_segments else None
+  backward = head_dim <= mosaic_backward.MAX_HEAD_DIM
+
+  def fwd_bwd(q, k, v, do, lse, delta, segments):
+    out = mosaic_forward.forward(q, k, v, segments, **kw)
+    if backward:
+      out += mosaic_backward.backward(q, k, v, do, lse, delta, segments,
+                                      **kw)
+    return out
+
+  text = jax.jit(fwd_bwd).trace(
+      tokens, tokens, tokens, tokens, stats, stats, segments).lower(
+          lowering_platforms=("cuda",)).as_text()
+  # The forward; the dK/dV kernel, and the dQ kernel unless dQ is fused.
+  assert text.count("stablehlo.custom_call @mosaic_gpu") >= (
+      2 if backward else 1)
+
+
+def test_backward_needs_head_dim_at_most_128():
+  q = jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
+  rule = MaskRule(seq_len_q=256, seq_len_k=256)
+  with pytest.raises(NotImplementedError,
+                     match="the Hopper backward runs head_dim <= 128, got "
+                           "256"):
+    jax.eval_shape(functools.partial(
+        mosaic_backward.backward, mask=rule, score=ScoreRule(scale=0.1),
+        blocks=fa2_jax.default_mosaic_blocks(256)), q, q, q, q, stats, stats)
 
 
 @pytest.mark.parametrize("shape,window,alignment,blocks", [
