@@ -741,6 +741,10 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
   split = _dq_split(blocks, hp, mask, key_costs, num_kv_heads * batch,
                     rotatable=_rotatable(mask, num_q_blocks, num_k_tiles))
+  if split and blocks.fused_dq is None and mt.smem_bytes(
+      _dkdv_scratch(mask, blocks, hp, q.dtype, split, 1),
+      reductions=False) > mt.smem_limit():
+    split = None  # the default fuses only where the fused kernel fits
   order = _walk_order(mask, split, num_q_blocks, num_k_tiles)
   # The fused dQ's float32 sums (two when rotated, `_fused_dq_producer`).
   dq_sum = [out_struct((2 if order == ROTATED else 1, batch, tp, num_heads,
@@ -754,6 +758,11 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                       2 * blocks.stages * blocks.block_q_dkv, hp, q.dtype)
                   and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
       last_first=order == UP)
+  dkdv_scratch = _dkdv_scratch(mask, blocks, hp, q.dtype, split,
+                               2 if dkdv_tiles.persistent else 1)
+  mt.check_smem(dkdv_scratch, kernel="dK/dV kernel" + (
+      " with dQ fused" if split else ""), head_dim=hp, blocks=blocks,
+                fields=("block_q_dkv", "block_k_dkv", "stages"))
   outs = plgpu.kernel(
       functools.partial(_dkdv_kernel, mask=mask, score=score, blocks=blocks,
                         group=group, split=split, order=order,
@@ -761,8 +770,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                         num_sems=dq_sum[0].shape[0] * batch * num_heads
                         * num_q_blocks),
       out_type=(*dk_dv, *(dq_sum if split else [])),
-      scratch_types=[_dkdv_scratch(mask, blocks, hp, q.dtype, split,
-                                   2 if dkdv_tiles.persistent else 1)],
+      scratch_types=[dkdv_scratch],
       grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(
           *inputs, *mt.segment_ranges(
               () if split else segments, blocks.block_q_dkv,
@@ -776,16 +784,18 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   else:
     tiles = _dq_tiles(mask, blocks, tp // (mt.CONSUMERS * blocks.block_q),
                       num_heads, batch)
+    dq_scratch = _dq_scratch(
+        mask, dq_blocks, hp, q.dtype,
+        2 if tiles.persistent and mt.fits_two_slots(
+            2 * mt.CONSUMERS * blocks.block_q,
+            2 * blocks.stages * blocks.block_k_dq, hp, q.dtype) else 1)
+    mt.check_smem(dq_scratch, kernel="dQ kernel", head_dim=hp, blocks=blocks,
+                  fields=("block_q", "block_k_dq", "stages"))
     dq = plgpu.kernel(
         functools.partial(_dq_kernel, mask=mask, score=score,
                           blocks=dq_blocks, group=group, tiles=tiles),
         out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
-        scratch_types=[_dq_scratch(
-            mask, dq_blocks, hp, q.dtype,
-            2 if tiles.persistent and mt.fits_two_slots(
-                2 * mt.CONSUMERS * blocks.block_q,
-                2 * blocks.stages * blocks.block_k_dq, hp, q.dtype)
-            else 1)],
+        scratch_types=[dq_scratch],
         grid=(tiles.num_ctas,), grid_names=("cta",), **common)(
             *inputs, *mt.segment_ranges(
                 segments, mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,

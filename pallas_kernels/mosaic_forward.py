@@ -369,6 +369,9 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       max_mean_varied=_max_mean_varied(hp))
   # A CTA with several tiles loads the next one's Q during this one.
   q_slots = 2 if tiles.persistent else 1
+  scratch = _scratch(mask, blocks, hp, q.dtype, q_slots)
+  mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=blocks,
+                fields=("block_q", "block_k", "stages"), reductions=True)
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,
       group=num_heads // num_kv_heads, tiles=tiles)
@@ -376,7 +379,7 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       kernel,
       out_type=(out_struct((batch, tp, num_heads, hp), q.dtype, q),
                 out_struct((batch, num_heads, tp), jnp.float32, q)),
-      scratch_types=[_scratch(mask, blocks, hp, q.dtype, q_slots)],
+      scratch_types=[scratch],
       grid=(tiles.num_ctas,),
       grid_names=("cta",),
       num_threads=mt.CONSUMERS + 1,

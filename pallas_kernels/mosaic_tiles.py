@@ -14,6 +14,7 @@ true S); padded query rows are computed and dropped.
 """
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,10 @@ class MosaicBlocks:
   block_k_dq: keys per pipeline step in the dQ kernel.
   block_q_dkv, block_k_dkv: the dK/dV kernel streams [block_q_dkv, H] tiles
     of Q and dO past CONSUMERS * block_k_dkv resident keys.
-  stages: depth of the shared-memory ring of every kernel.
+  stages: depth of the shared-memory ring of every kernel. A kernel whose
+    buffers then pass the 227 KiB of a CTA's shared memory raises
+    NotImplementedError naming the fields that size it (at head_dim 128 the
+    forward and dQ kernels fit 2 stages, not 3).
   fused_dq: the dK/dV kernel also computes dQ (5 matmuls per tile instead
     of 7 with the separate dQ kernel), adding its partial dQ tiles into a
     float32 buffer in key-tile order (deterministic). True: wherever it can
@@ -59,7 +63,8 @@ class MosaicBlocks:
     tile where the walk rotates (T >= S; from 2k tokens), else from 64;
     under a causal mask or window, from 16 steps (4k causal) where the
     longest key tile is short against an SM's share (not with 4 query heads
-    per kv head at 16k) (benchmarks/NOTES.md items 13, 19, 42 and 43).
+    per kv head at 16k) (benchmarks/NOTES.md items 13, 19, 42 and 43), and
+    only where the fused kernel fits in shared memory (not with 3 stages).
     False: never.
   overlap: the forward overlaps each consumer's softmax with its own
     matmuls (block j's S = Q K^T issued with block j-1's O += P V; FA3's
@@ -170,6 +175,54 @@ def num_sms() -> int:
 # tile, 426 persistent on an H100 with an older split; benchmarks/NOTES.md
 # item 16). The forward sets its own (`mosaic_forward._max_mean_varied`).
 MAX_MEAN_COST_VARIED = 32
+
+
+# Shared memory as Pallas lays out a kernel's scratch: each buffer from a
+# 1 KiB boundary, 8 bytes per barrier; a CTA may have 227 KiB on an H100
+# or H200 (what Mosaic GPU also assumes when it sees no GPU).
+SMEM_ALIGNMENT = 1024
+BARRIER_BYTES = 8
+DEFAULT_SMEM = 227 * 1024
+
+
+def smem_limit() -> int:
+  """The shared memory one CTA may have on the local GPU (`DEFAULT_SMEM`
+  if none)."""
+  try:
+    device = jax.local_devices(backend="gpu")[0]
+  except RuntimeError:
+    return DEFAULT_SMEM
+  return getattr(device, "shared_memory_per_block_optin", DEFAULT_SMEM)
+
+
+def smem_bytes(scratch, *, reductions: bool) -> int:
+  """The shared memory of a kernel with this scratch tree (plgpu.SMEM
+  buffers and plgpu.Barrier arrays), plus, if it reduces rows
+  (`reductions`: the forward's max and sum), the scratch Pallas reserves
+  for them (`CompilerParams.reduction_scratch_bytes`). Matches what Mosaic
+  GPU counts when it lowers each Hopper kernel."""
+  size = compiler_params().reduction_scratch_bytes if reductions else 0
+  for leaf in jax.tree.leaves(scratch):
+    if isinstance(leaf, plgpu.Barrier):
+      size += BARRIER_BYTES * math.prod(leaf.num_barriers)
+    else:
+      size += round_up(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize,
+                       SMEM_ALIGNMENT)
+  return size
+
+
+def check_smem(scratch, *, kernel: str, head_dim: int, blocks: "MosaicBlocks",
+               fields, reductions: bool = False):
+  """NotImplementedError naming the MosaicBlocks `fields` that size the
+  kernel's shared memory where its scratch does not fit in a CTA's (rather
+  than Mosaic GPU's error when it compiles)."""
+  need, limit = smem_bytes(scratch, reductions=reductions), smem_limit()
+  if need > limit:
+    named = ", ".join(f"{f}={getattr(blocks, f)}" for f in fields)
+    raise NotImplementedError(
+        f"MosaicBlocks({named}) needs {need} bytes of shared memory in the "
+        f"{kernel} at head_dim {head_dim}, more than the {limit} a CTA can "
+        f"have: take fewer stages or smaller blocks")
 
 
 # Shared memory a persistent kernel may fill with its two slots of per-tile

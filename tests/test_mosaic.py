@@ -8,6 +8,7 @@ with `--compiled` on a Hopper GPU; elsewhere the tests check the errors.
 import dataclasses
 import functools
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,65 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs):
   # The forward; the dK/dV kernel, and the dQ kernel unless dQ is fused.
   assert text.count("stablehlo.custom_call @mosaic_gpu") >= (
       2 if backward else 1)
+
+
+def _fwd_bwd_text(head_dim, seq_len, blocks, backward=True):
+  """The forward (and backward) lowered for CUDA at these tiles."""
+  rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len)
+  kw = dict(mask=rule, score=ScoreRule(scale=0.125), blocks=blocks)
+  tokens = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((1, 4, seq_len), jnp.float32)
+  if backward:
+    fn = lambda q, k, v, do, lse, delta: mosaic_backward.backward(
+        q, k, v, do, lse, delta, **kw)
+    args = (tokens,) * 4 + (stats,) * 2
+  else:
+    fn = lambda q, k, v: mosaic_forward.forward(q, k, v, **kw)
+    args = (tokens,) * 3
+  return jax.jit(fn).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("head_dim,blocks,backward,message", [
+    (128, dict(stages=3), False,
+     r"MosaicBlocks\(block_q=64, block_k=128, stages=3\) needs 232568 bytes "
+     r"of shared memory in the forward at head_dim 128, more than the 232448 "
+     "a CTA can have"),
+    (128, dict(stages=3), True,
+     r"MosaicBlocks\(block_q=64, block_k_dq=128, stages=3\) needs 264304 "
+     "bytes of shared memory in the dQ kernel at head_dim 128"),
+    (64, dict(stages=3, fused_dq=True), True,
+     r"MosaicBlocks\(block_q_dkv=128, block_k_dkv=64, stages=3\) needs "
+     "233616 bytes of shared memory in the dK/dV kernel with dQ fused"),
+    (64, dict(stages=4), False, "needs 281752 bytes of shared memory in the "
+     "forward at head_dim 64"),
+])
+def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
+                                        monkeypatch):
+  """Tiles and rings that do not fit a CTA's shared memory raise a
+  NotImplementedError naming the fields, with the bytes Mosaic GPU itself
+  counts (its own error, once ours is switched off, says the same)."""
+  tiles = dataclasses.replace(
+      fa2_jax.default_mosaic_blocks(head_dim, masked=False), **blocks)
+  with pytest.raises(NotImplementedError, match=message):
+    _fwd_bwd_text(head_dim, 4096, tiles, backward)
+  need = re.search(r"needs (\d+) bytes", message)
+  if need:
+    monkeypatch.setattr(mosaic_tiles, "smem_limit", lambda: 10**9)
+    with pytest.raises(ValueError, match=rf"exceeds available shared memory: "
+                                         rf"smem_bytes={need.group(1)} "):
+      _fwd_bwd_text(head_dim, 4096, tiles, backward)
+
+
+def test_default_fused_dq_only_where_it_fits():
+  """With 3 stages the fused dK/dV kernel passes shared memory at head_dim
+  64, so the default (fused_dq=None) runs the two kernels there."""
+  fused = fa2_jax.default_mosaic_blocks(64, masked=False)
+  assert fused.fused_dq is None
+  text = _fwd_bwd_text(64, 4096, fused)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1  # fused
+  text = _fwd_bwd_text(64, 4096, dataclasses.replace(fused, stages=3))
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # dK/dV, dQ
 
 
 def test_backward_needs_head_dim_at_most_128():
