@@ -107,6 +107,32 @@ def test_wide_key_tiles(shape, mask_name, hopper):
                           seed=15, implementation="mosaic")
 
 
+def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
+  """The Hopper forward and/or backward at these tiles, traced and lowered
+  for CUDA (on any host: Mosaic GPU's layout inference and shared-memory
+  check run without a GPU)."""
+  kw = dict(mask=rule, score=ScoreRule(scale=0.125), blocks=blocks)
+  t, s = rule.seq_len_q, rule.seq_len_k
+  q = jax.ShapeDtypeStruct((1, t, 4, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, s, 4, head_dim), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((1, 4, t), jnp.float32)
+  segments = ((jax.ShapeDtypeStruct((1, t), jnp.int32),
+               jax.ShapeDtypeStruct((1, s), jnp.int32))
+              if rule.has_segments else None)
+
+  def kernels(q, k, v, do, lse, delta, segments):
+    out = ()
+    if forward:
+      out += mosaic_forward.forward(q, k, v, segments, **kw)
+    if backward:
+      out += mosaic_backward.backward(q, k, v, do, lse, delta, segments,
+                                      **kw)
+    return out
+
+  return jax.jit(kernels).trace(q, kv, kv, q, stats, stats, segments).lower(
+      lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("head_dim,seq_len,rule_kwargs", [
     (64, 1000, dict(is_causal=True)),
     (64, 4096, {}),  # 256-key forward tiles, the rotated fused dQ
@@ -118,49 +144,17 @@ def test_wide_key_tiles(shape, mask_name, hopper):
     (256, 1000, dict(is_causal=True)),  # forward only
 ])
 def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs):
-  """The forward and backward trace and lower through Mosaic GPU for CUDA on
-  any host, a CPU too: their shape, layout and shared-memory errors show
-  without a GPU (their numerics need one: the compiled tests)."""
+  """The forward and backward at their default tiles trace and lower for
+  CUDA on any host, a CPU too: their shape, layout and shared-memory errors
+  show without a GPU (their numerics need one: the compiled tests)."""
   rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len, **rule_kwargs)
   blocks = fa2_jax.default_mosaic_blocks(
       head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span)
-  kw = dict(mask=rule, score=ScoreRule(scale=0.125), blocks=blocks)
-  tokens = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
-  stats = jax.ShapeDtypeStruct((1, 4, seq_len), jnp.float32)
-  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-  segments = (ids, ids) if rule.has_segments else None
   backward = head_dim <= mosaic_backward.MAX_HEAD_DIM
-
-  def fwd_bwd(q, k, v, do, lse, delta, segments):
-    out = mosaic_forward.forward(q, k, v, segments, **kw)
-    if backward:
-      out += mosaic_backward.backward(q, k, v, do, lse, delta, segments,
-                                      **kw)
-    return out
-
-  text = jax.jit(fwd_bwd).trace(
-      tokens, tokens, tokens, tokens, stats, stats, segments).lower(
-          lowering_platforms=("cuda",)).as_text()
+  text = _mosaic_text(rule, blocks, head_dim, backward=backward)
   # The forward; the dK/dV kernel, and the dQ kernel unless dQ is fused.
   assert text.count("stablehlo.custom_call @mosaic_gpu") >= (
       2 if backward else 1)
-
-
-def _fwd_bwd_text(head_dim, seq_len, blocks, backward=True):
-  """The forward (and backward) lowered for CUDA at these tiles."""
-  rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len)
-  kw = dict(mask=rule, score=ScoreRule(scale=0.125), blocks=blocks)
-  tokens = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
-  stats = jax.ShapeDtypeStruct((1, 4, seq_len), jnp.float32)
-  if backward:
-    fn = lambda q, k, v, do, lse, delta: mosaic_backward.backward(
-        q, k, v, do, lse, delta, **kw)
-    args = (tokens,) * 4 + (stats,) * 2
-  else:
-    fn = lambda q, k, v: mosaic_forward.forward(q, k, v, **kw)
-    args = (tokens,) * 3
-  return jax.jit(fn).trace(*args).lower(
-      lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("head_dim,blocks,backward,message", [
@@ -184,14 +178,16 @@ def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
   counts (its own error, once ours is switched off, says the same)."""
   tiles = dataclasses.replace(
       fa2_jax.default_mosaic_blocks(head_dim, masked=False), **blocks)
+  lower = functools.partial(
+      _mosaic_text, MaskRule(seq_len_q=4096, seq_len_k=4096), tiles,
+      head_dim, forward=not backward, backward=backward)
   with pytest.raises(NotImplementedError, match=message):
-    _fwd_bwd_text(head_dim, 4096, tiles, backward)
+    lower()
   need = re.search(r"needs (\d+) bytes", message)
-  if need:
-    monkeypatch.setattr(mosaic_tiles, "smem_limit", lambda: 10**9)
-    with pytest.raises(ValueError, match=rf"exceeds available shared memory: "
-                                         rf"smem_bytes={need.group(1)} "):
-      _fwd_bwd_text(head_dim, 4096, tiles, backward)
+  monkeypatch.setattr(mosaic_tiles, "smem_limit", lambda: 10**9)
+  with pytest.raises(ValueError, match=rf"exceeds available shared memory: "
+                                       rf"smem_bytes={need.group(1)} "):
+    lower()
 
 
 def test_default_fused_dq_only_where_it_fits():
@@ -199,9 +195,12 @@ def test_default_fused_dq_only_where_it_fits():
   64, so the default (fused_dq=None) runs the two kernels there."""
   fused = fa2_jax.default_mosaic_blocks(64, masked=False)
   assert fused.fused_dq is None
-  text = _fwd_bwd_text(64, 4096, fused)
+  lower = functools.partial(_mosaic_text, MaskRule(seq_len_q=4096,
+                                                   seq_len_k=4096),
+                            head_dim=64, forward=False)
+  text = lower(fused)
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1  # fused
-  text = _fwd_bwd_text(64, 4096, dataclasses.replace(fused, stages=3))
+  text = lower(dataclasses.replace(fused, stages=3))
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # dK/dV, dQ
 
 
