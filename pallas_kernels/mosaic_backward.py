@@ -129,24 +129,31 @@ def _fusing_pays(head_dim: int, mask: MaskRule, key_costs: list,
 
 
 def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
-              key_costs: list, copies: int, rotatable: bool) -> str | None:
+              key_costs: list, copies: int, rotatable: bool,
+              dtype=jnp.bfloat16) -> str | None:
   """How the consumers share the fused dQ tile [block_q_dkv, H]: "cols"
   (each computes H / 2 columns), "rows" (block_q_dkv / 2 rows), or None:
   the separate dQ kernel runs instead. None where neither half is a whole
   64-wide tile; at head_dim 256 (dS and dQ do not fit in shared memory);
   with `fused_dq=False`; and with `fused_dq=None` (the default) except
   where `_fusing_pays` (key_costs: each key tile's steps; copies: kv heads
-  x batch)."""
+  x batch) and the fused kernel fits in shared memory (not with 3 stages at
+  head_dim 64; `fused_dq=True` raises there instead)."""
   if blocks.fused_dq is False or head_dim > 128:
     return None
   if blocks.fused_dq is None and not _fusing_pays(head_dim, mask, key_costs,
                                                   copies, rotatable):
     return None
+  split = None
   if head_dim >= 2 * 64:
-    return "cols"
-  if blocks.block_q_dkv >= 2 * 64:
-    return "rows"
-  return None
+    split = "cols"
+  elif blocks.block_q_dkv >= 2 * 64:
+    split = "rows"
+  if split and blocks.fused_dq is None and mt.smem_bytes(
+      _dkdv_scratch(mask, blocks, head_dim, dtype, split, 1),
+      reductions=False) > mt.smem_limit():
+    return None
+  return split
 
 
 def _query_blocks(mask: MaskRule, refs, k_tile, batch, block_q: int,
@@ -740,11 +747,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
            for x in (k, v)]
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
   split = _dq_split(blocks, hp, mask, key_costs, num_kv_heads * batch,
-                    rotatable=_rotatable(mask, num_q_blocks, num_k_tiles))
-  if split and blocks.fused_dq is None and mt.smem_bytes(
-      _dkdv_scratch(mask, blocks, hp, q.dtype, split, 1),
-      reductions=False) > mt.smem_limit():
-    split = None  # the default fuses only where the fused kernel fits
+                    rotatable=_rotatable(mask, num_q_blocks, num_k_tiles),
+                    dtype=q.dtype)
   order = _walk_order(mask, split, num_q_blocks, num_k_tiles)
   # The fused dQ's float32 sums (two when rotated, `_fused_dq_producer`).
   dq_sum = [out_struct((2 if order == ROTATED else 1, batch, tp, num_heads,
