@@ -29,13 +29,13 @@ from pallas_kernels.mask import (MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT,
                                  segment_block_ranges, unbounded_below,
                                  within)
 
-CONSUMERS = 2    # compute warpgroups per CTA
+CONSUMERS = 2    # compute warpgroups per CTA (the forward's: `consumers`)
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.float16, jnp.bfloat16)
-# Registers per thread: consumers take what the producer gives up
-# ((2 * 232 + 40) * 128 threads fits the 64K register file).
-CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
+# Registers per thread (consumer, producer) by the number of consumer
+# warpgroups: consumers take what the producer gives up ((2 * 232 + 40) *
+# 128 and (3 * 160 + 32) * 128 threads fit the 64K register file).
+REGISTERS = {2: (232, 40), 3: (160, 32)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,6 +89,12 @@ class MosaicBlocks:
     tiles averaging at most 64 steps, 32 where they differ in length, and
     no fused dQ; dQ: query tiles averaging at most 16 key blocks);
     otherwise one CTA per tile.
+  consumers: the forward's compute warpgroups, 2 or 3 (a tile of consumers
+    * block_q rows). With 3 each has 160 registers, so only at head_dim 64
+    with block_k <= 128 and without `overlap`; they take turns at the
+    tensor cores in a ring (each issues its O += P V and next S = Q K^T in
+    its turn, so the others' softmaxes run meanwhile). The other kernels
+    always have 2.
   """
   block_q: int = 64
   block_k: int = 128
@@ -100,6 +106,7 @@ class MosaicBlocks:
   overlap: bool = False
   pingpong_across_tiles: bool = False
   persistent: bool = True
+  consumers: int = 2
 
   def __post_init__(self):
     for field in ("block_q", "block_k", "block_k_dq", "block_q_dkv",
@@ -115,6 +122,15 @@ class MosaicBlocks:
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"MosaicBlocks.{field} must be a bool, got "
                          f"{getattr(self, field)!r}")
+    if (not isinstance(self.consumers, int) or isinstance(self.consumers, bool)
+        or self.consumers not in REGISTERS):
+      raise ValueError(f"MosaicBlocks.consumers must be one of "
+                       f"{tuple(REGISTERS)}, got {self.consumers!r}")
+    if self.consumers > 2 and (self.block_k > 128 or self.overlap):
+      raise NotImplementedError(
+          f"MosaicBlocks.consumers={self.consumers} needs block_k <= 128 "
+          f"(got {self.block_k}) and overlap=False (got {self.overlap}): "
+          f"its consumers have 160 registers")
     if self.fused_dq is not None and not isinstance(self.fused_dq, bool):
       raise ValueError(f"MosaicBlocks.fused_dq must be a bool or None, got "
                        f"{self.fused_dq!r}")
@@ -543,28 +559,28 @@ def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
     plgpu.copy_gmem_to_smem(src, dst(name), barrier)
 
 
-def own_rows(tile, wg, block: int):
-  """Consumer wg's share of a tile of CONSUMERS * block rows (or keys):
+def own_rows(tile, wg, block: int, consumers: int = CONSUMERS):
+  """Consumer wg's share of a tile of consumers * block rows (or keys):
   (its first index, its pl.ds)."""
-  first = tile * (CONSUMERS * block) + wg * block
+  first = tile * (consumers * block) + wg * block
   return first, pl.ds(first, block)
 
 
-def own_slot(barrier, slot, wg):
+def own_slot(barrier, slot, wg, consumers: int = CONSUMERS):
   """Consumer wg's barrier of operand slot `slot` (`operand_slot`)."""
-  return barrier.at[slot * CONSUMERS + wg]
+  return barrier.at[slot * consumers + wg]
 
 
 def load_own(refs, scratch, names, barrier, *, tiles: "Tiles", cta, t, wg,
-             slot, block: int):
+             slot, block: int, consumers: int = CONSUMERS):
   """Copies consumer wg's rows of CTA cta's local tile t (`own_rows`) of
   the named inputs into slot `slot` of their buffers, completing on
   `own_slot(barrier, slot, wg)`: the forward's Q, the dK/dV kernel's K
   and V."""
   tile, head, batch = tiles.at(cta, t)
   copy_rows(refs, names, lambda name: scratch[name].at[slot, wg],
-            own_slot(barrier, slot, wg), batch=batch,
-            rows=own_rows(tile, wg, block)[1], head=head)
+            own_slot(barrier, slot, wg, consumers), batch=batch,
+            rows=own_rows(tile, wg, block, consumers)[1], head=head)
 
 
 # The step of a tile under which the next tile's operands start loading
@@ -630,6 +646,11 @@ def both(a, b):
   return jnp.logical_and(a, b)
 
 
+def negate(a):
+  """not a, for a Python bool or a traced predicate."""
+  return (not a) if isinstance(a, bool) else jnp.logical_not(a)
+
+
 def slot_of(i, stages: int):
   """The ring slot of pipeline step i (an int32 scalar)."""
   return lax.rem(i, jnp.asarray(stages, i.dtype))
@@ -690,7 +711,7 @@ def matmul_t(a, b, shape, during=None):
 
 
 def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
-                    dtype) -> tuple:
+                    dtype, consumers: int = CONSUMERS) -> tuple:
   """(buffers, barriers) of a ring of K and V tiles (and key segment ids)
   that the consumers free once each: see `kv_producer`."""
   buffers = dict(k=tile_smem((stages, block_k, head_dim), dtype),
@@ -701,15 +722,17 @@ def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
       k_ready=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
                             num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
-      k_free=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-      v_free=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+      k_free=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
   return buffers, barriers
 
 
 def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
-                stages: int, group: int, tiles: Tiles):
+                stages: int, group: int, tiles: Tiles,
+                consumers: int = CONSUMERS):
   """The TMA warpgroup of the query-major kernels (forward, dQ): K (with the
-  key segment ids) and V of every key block each of the CTA's tiles visits,
+  key segment ids) and V of every key block each of the CTA's tiles (of
+  consumers * block_q rows) visits,
   in order, into the ring of `kv_ring_scratch`; the ring runs on across
   tiles, so the next tile's first blocks load while this one finishes."""
   bars = scratch["bars"]
@@ -717,7 +740,7 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
   def tile(t, coords, first):
     q_tile, head, batch = coords
     start, _, _, end = visited_runs(
-        mask, refs.get("seg_range"), batch, q_tile, CONSUMERS * block_q,
+        mask, refs.get("seg_range"), batch, q_tile, consumers * block_q,
         block_k, query_major=True)[0]
     kv_head = lax.div(head, _i32(group))
 
@@ -744,19 +767,20 @@ def named_refs(args, names):
   return dict(zip(names, args[:len(names)])), scratch
 
 
-def warp_specialize(consumer, producer):
-  """Runs consumer(wg) on warpgroups 0..CONSUMERS-1 (registers raised) and
-  producer() on the last one (registers lowered)."""
+def warp_specialize(consumer, producer, consumers: int = CONSUMERS):
+  """Runs consumer(wg) on warpgroups 0..consumers-1 (registers raised) and
+  producer() on the last one (registers lowered; `REGISTERS`)."""
   wg = lax.axis_index("wg")
+  consumer_registers, producer_registers = REGISTERS[consumers]
 
-  @pl.when(wg < CONSUMERS)
+  @pl.when(wg < consumers)
   def _():
-    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(consumer_registers, action="increase")
     consumer(wg)
 
-  @pl.when(wg == CONSUMERS)
+  @pl.when(wg == consumers)
   def _():
-    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(producer_registers, action="decrease")
     producer()
 
 
@@ -768,7 +792,8 @@ def tile_costs(block_range, num_tiles: int) -> list:
 
 
 def query_major_kernel(args, names, consumer, *, mask: MaskRule,
-                       blocks: MosaicBlocks, group: int, tiles: Tiles):
+                       blocks: MosaicBlocks, group: int, tiles: Tiles,
+                       consumers: int = CONSUMERS):
   """The body of a kernel parallel over query tiles (forward, dQ), grid
   (tiles.num_ctas,) named "cta": the consumers run
   consumer(wg, refs, scratch, tiles=tiles), each looping over the CTA's
@@ -780,7 +805,8 @@ def query_major_kernel(args, names, consumer, *, mask: MaskRule,
       lambda wg: consumer(wg, refs, scratch, tiles=tiles),
       lambda: kv_producer(refs, scratch, mask=mask, block_q=blocks.block_q,
                           block_k=blocks.block_k, stages=blocks.stages,
-                          group=group, tiles=tiles))
+                          group=group, tiles=tiles, consumers=consumers),
+      consumers)
 
 
 def key_ring_step(first, bounds, kv_block):

@@ -235,6 +235,9 @@ def test_narrow_windows_take_small_tiles():
     ("overlap", None, "MosaicBlocks.overlap must be a bool, got None"),
     ("pingpong_across_tiles", 1,
      "MosaicBlocks.pingpong_across_tiles must be a bool, got 1"),
+    ("consumers", 4, r"MosaicBlocks.consumers must be one of \(2, 3\), got 4"),
+    ("consumers", True, "MosaicBlocks.consumers must be one of"),
+    ("consumers", 3.0, "MosaicBlocks.consumers must be one of"),
 ])
 def test_mosaic_blocks_validation(field, value, message):
   with pytest.raises(ValueError, match=message):

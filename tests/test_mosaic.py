@@ -107,6 +107,94 @@ def test_wide_key_tiles(shape, mask_name, hopper):
                           seed=15, implementation="mosaic")
 
 
+# Three consumer warpgroups in the forward: 192-row query tiles, a ring of
+# turns at the tensor cores (head_dim 64 only).
+THREE_CONSUMERS = fa2_jax.MosaicBlocks(block_q_dkv=128, consumers=3,
+                                       pingpong_across_tiles=True)
+
+
+def _window(left, right=0):
+  return lambda b, t, s: dict(local_window_size=(left, right))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape,mask_name", [
+    ((2, 300, 260, 4, 2, 64, True), None),
+    ((1, 1000, 777, 4, 2, 64, False), None),
+    ((1, 100, 100, 4, 4, 40, False), None),  # head_dim padded to 64
+    ((1, 1500, 1500, 2, 1, 64, True), "window-300"),
+    ((1, 1000, 1000, 2, 2, 64, False), "window-2sided-wide"),
+    (None, "window-2sided"),
+    (None, "packed-causal"),
+    (None, "lengths-causal"),
+    (None, "bottom_right-T>S"),
+    (None, "soft_cap-causal-window"),
+])
+def test_three_consumers(shape, mask_name, dtype, hopper):
+  """`MosaicBlocks.consumers=3`: query tiles of 192 rows (partial last
+  tiles, bands and segments cutting them differently for each consumer)
+  and the consumers' ring of turns."""
+  mask_fn = None
+  if mask_name == "window-300":
+    mask_fn = _window(300)
+  elif mask_name == "window-2sided-wide":
+    mask_fn = _window(250, 130)
+  elif mask_name is not None:
+    shape, mask_fn = CASES[mask_name]
+    shape = (*shape[:5], 64, *shape[6:])
+  check_against_reference(shape, dtype, False, block_sizes=THREE_CONSUMERS,
+                          mask_fn=mask_fn, seed=23, implementation="mosaic")
+
+
+@pytest.mark.parametrize("name", ["bottom_right-T>S", "window-2sided",
+                                  "packed-causal"])
+def test_three_consumers_persistent(name, hopper, few_sms):
+  """The ring of turns runs on across a CTA's tiles, empty ones included."""
+  shape, mask_fn = CASES[name]
+  shape = (*shape[:5], 64, *shape[6:])
+  check_against_reference(shape, jnp.bfloat16, False,
+                          block_sizes=THREE_CONSUMERS, mask_fn=mask_fn,
+                          seed=24, implementation="mosaic")
+
+
+def test_three_consumers_bitwise(hopper):
+  """Each row takes the same steps in the same order as with two consumers
+  (same 128-key blocks), so the forward is bitwise that of two; and it
+  repeats."""
+  q, k, v, _, _ = numerics.random_inputs(
+      5, batch=2, seq_q=1000, seq_k=1000, heads=4, kv_heads=2, head_dim=64,
+      dtype=jnp.bfloat16)
+  def run(blocks, **kw):
+    return jax.jit(functools.partial(
+        fa2_jax.flash_attention, implementation="mosaic", block_sizes=blocks,
+        return_residual=True, **kw))(q, k, v)
+  for kw in (dict(is_causal=True), dict(local_window_size=(300, 0))):
+    three = run(THREE_CONSUMERS, **kw)
+    two = run(dataclasses.replace(THREE_CONSUMERS, consumers=2), **kw)
+    for a, b, c in zip(three, run(THREE_CONSUMERS, **kw), two):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("blocks,head_dim,message", [
+    (dict(consumers=3, block_k=256), 64,
+     r"consumers=3 needs block_k <= 128 \(got 256\)"),
+    (dict(consumers=3, overlap=True), 64, r"and overlap=False \(got True\)"),
+    (dict(consumers=3), 128, "consumers=3 needs head_dim <= 64 .*got "
+     "head_dim 128"),
+])
+def test_three_consumers_unsupported(blocks, head_dim, message):
+  """Where 160 registers per consumer cannot hold the tiles."""
+  q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
+  rule = MaskRule(seq_len_q=256, seq_len_k=256, is_causal=True)
+  with pytest.raises(NotImplementedError, match=message):
+    tiles = fa2_jax.MosaicBlocks(**blocks)
+    jax.eval_shape(functools.partial(
+        mosaic_forward.forward, mask=rule,
+        score=ScoreRule(scale=head_dim ** -0.5), blocks=tiles), q, q, q)
+
+
 def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
   """The Hopper forward and/or backward at these tiles, traced and lowered
   for CUDA (on any host: Mosaic GPU's layout inference and shared-memory
@@ -133,22 +221,27 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
       lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("head_dim,seq_len,rule_kwargs", [
-    (64, 1000, dict(is_causal=True)),
-    (64, 4096, {}),  # 256-key forward tiles, the rotated fused dQ
-    (64, 8192, dict(is_causal=True)),  # the UP walk of the fused dQ
-    (128, 1000, dict(is_causal=True)),
-    (64, 2000, dict(is_causal=True, window_left=300, window_right=0)),
-    (64, 1000, dict(is_causal=True, has_segments=True)),
-    (128, 1000, dict(window_left=200, window_right=100, has_segments=True)),
-    (256, 1000, dict(is_causal=True)),  # forward only
+@pytest.mark.parametrize("head_dim,seq_len,rule_kwargs,blocks", [
+    (64, 1000, dict(is_causal=True), None),
+    (64, 4096, {}, None),  # 256-key forward tiles, the rotated fused dQ
+    (64, 8192, dict(is_causal=True), None),  # the UP walk of the fused dQ
+    (128, 1000, dict(is_causal=True), None),
+    (64, 2000, dict(is_causal=True, window_left=300, window_right=0), None),
+    (64, 1000, dict(is_causal=True, has_segments=True), None),
+    (128, 1000, dict(window_left=200, window_right=100, has_segments=True),
+     None),
+    (256, 1000, dict(is_causal=True), None),  # forward only
+    (64, 2000, dict(is_causal=True, window_left=300, window_right=0),
+     THREE_CONSUMERS),
+    (64, 1000, dict(is_causal=True, has_segments=True), THREE_CONSUMERS),
 ])
-def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs):
-  """The forward and backward at their default tiles trace and lower for
-  CUDA on any host, a CPU too: their shape, layout and shared-memory errors
-  show without a GPU (their numerics need one: the compiled tests)."""
+def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
+  """The forward and backward (at their default tiles, or `blocks`) trace
+  and lower for CUDA on any host, a CPU too: their shape, layout and
+  shared-memory errors show without a GPU (their numerics need one: the
+  compiled tests)."""
   rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len, **rule_kwargs)
-  blocks = fa2_jax.default_mosaic_blocks(
+  blocks = blocks or fa2_jax.default_mosaic_blocks(
       head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span)
   backward = head_dim <= mosaic_backward.MAX_HEAD_DIM
   text = _mosaic_text(rule, blocks, head_dim, backward=backward)
