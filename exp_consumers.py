@@ -3,7 +3,8 @@ branch three-consumers only). One process per variant:
 
   python3 exp_consumers.py 3 check out.json      # numerics, bitwise
   python3 exp_consumers.py {2,2k128,3,3s3} time out.json
-  (env FA2_RING=pv / FA2_RING2=1: the ring's variants; PASSES, CASES)
+  (env FA2_RING=pv / FA2_RING2=1: the ring's variants; PASSES, CASES; HD=128:
+  head_dim 128, where "3" has 64-key blocks)
 """
 import dataclasses, json, os, sys
 import jax, jax.numpy as jnp, numpy as np
@@ -14,13 +15,14 @@ from pallas_kernels import mosaic_tiles as mt
 variant = sys.argv[1]          # "2" (defaults), "2k128", "3", "3s3"
 what = sys.argv[2]             # "check" or "time"
 out_path = sys.argv[3]
+HD = int(os.environ.get("HD", "64"))
 
 def blocks_for(case_kw):
   masked = "local_window_size" in case_kw
   if variant == "2":
     return None  # defaults
-  base = dataclasses.replace(mt.default_mosaic_blocks(64, masked=True),
-                             block_k=128)
+  base = dataclasses.replace(mt.default_mosaic_blocks(HD, masked=True),
+                             block_k=128 if HD == 64 else 64)
   if variant == "2k128":
     return base
   return dataclasses.replace(base, consumers=3,
@@ -40,9 +42,9 @@ def check():
   for c in cases:
     for dtype in (jnp.bfloat16, jnp.float16):
       ks = jax.random.split(jax.random.key(1), 3)
-      q = jax.random.normal(ks[0], (2, c["T"], c["N"], 64), dtype)
-      k = jax.random.normal(ks[1], (2, c["S"], c["K"], 64), dtype)
-      v = jax.random.normal(ks[2], (2, c["S"], c["K"], 64), dtype)
+      q = jax.random.normal(ks[0], (2, c["T"], c["N"], HD), dtype)
+      k = jax.random.normal(ks[1], (2, c["S"], c["K"], HD), dtype)
+      v = jax.random.normal(ks[2], (2, c["S"], c["K"], HD), dtype)
       kw = dict(is_causal=c["causal"])
       for name in ("local_window_size", "causal_alignment", "logits_soft_cap"):
         if name in c: kw[name] = c[name]
@@ -61,7 +63,7 @@ def check():
       rows.append(dict(case=str(c), dtype=str(jnp.dtype(dtype)), err=err, base=base, ok=err <= 2 * base + 1e-6, lse_err=lerr, lse_inf_ok=lse_inf_ok, mean_abs=float(jnp.mean(jnp.abs(ref32)))))
       print(rows[-1], flush=True)
   # bitwise repeatable
-  q = jax.random.normal(jax.random.key(3), (1, 4096, 32, 64), jnp.bfloat16)
+  q = jax.random.normal(jax.random.key(3), (1, 4096, 2048 // HD, HD), jnp.bfloat16)
   f = jax.jit(lambda q: fa2_jax.flash_attention(q, q, q, implementation="mosaic", is_causal=True, block_sizes=blocks_for({})))
   a, b2 = f(q), f(q)
   rows.append(dict(case="bitwise", ok=bool(jnp.all(a == b2))))
@@ -89,10 +91,10 @@ def time_all():
         continue
       b = blocks_for(kw)
       fn = implementations.attention_fn("fa2-mosaic", is_causal=causal, block_sizes=b, **kw)
-      batch, heads = 16384 // T, 32
-      s = timing.time_case(fn, pass_, batch=batch, seq_len=T, heads=heads, head_dim=64, dtype=jnp.bfloat16)
-      tf = timing.flops(batch, T, heads, 64, is_causal=causal, pass_=pass_) / s / 1e12
-      rows.append(dict(variant=variant, case=name, pass_=pass_, ms=s * 1e3, tflops=tf))
+      batch, heads = 16384 // T, 2048 // HD
+      s = timing.time_case(fn, pass_, batch=batch, seq_len=T, heads=heads, head_dim=HD, dtype=jnp.bfloat16)
+      tf = timing.flops(batch, T, heads, HD, is_causal=causal, pass_=pass_) / s / 1e12
+      rows.append(dict(variant=variant, head_dim=HD, ring=os.environ.get("FA2_RING", "pvqk"), ring2=os.environ.get("FA2_RING2"), case=name, pass_=pass_, ms=s * 1e3, tflops=tf))
       print(rows[-1], flush=True)
   return rows
 

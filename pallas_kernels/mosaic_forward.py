@@ -388,10 +388,11 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   batch, seq_len_q, num_heads, head_dim = q.shape
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   hp = mt.padded_head_dim(head_dim)
-  if blocks.consumers > 2 and hp > 64:
+  if blocks.consumers > 2 and (hp > 128 or hp > 64 and blocks.block_k > 64):
     raise NotImplementedError(
-        f"MosaicBlocks.consumers={blocks.consumers} needs head_dim <= 64 "
-        f"(160 registers per consumer), got head_dim {head_dim}")
+        f"MosaicBlocks.consumers={blocks.consumers} needs head_dim <= 64, "
+        f"or <= 128 with block_k=64 (160 registers per consumer), got "
+        f"head_dim {head_dim} with block_k {blocks.block_k}")
   rows_per_cta = blocks.consumers * blocks.block_q
   tp = mt.round_up(seq_len_q, rows_per_cta)
   sp = mt.round_up(seq_len_k, blocks.block_k)

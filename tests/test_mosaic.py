@@ -123,6 +123,8 @@ def _window(left, right=0):
     ((2, 300, 260, 4, 2, 64, True), None),
     ((1, 1000, 777, 4, 2, 64, False), None),
     ((1, 100, 100, 4, 4, 40, False), None),  # head_dim padded to 64
+    ((2, 300, 260, 4, 2, 128, True), None),  # 64-key blocks
+    ((1, 1500, 1500, 2, 1, 128, True), "window-300"),
     ((1, 1500, 1500, 2, 1, 64, True), "window-300"),
     ((1, 1000, 1000, 2, 2, 64, False), "window-2sided-wide"),
     (None, "window-2sided"),
@@ -143,7 +145,10 @@ def test_three_consumers(shape, mask_name, dtype, hopper):
   elif mask_name is not None:
     shape, mask_fn = CASES[mask_name]
     shape = (*shape[:5], 64, *shape[6:])
-  check_against_reference(shape, dtype, False, block_sizes=THREE_CONSUMERS,
+  blocks = THREE_CONSUMERS
+  if shape[5] > 64:  # 160 registers hold [64, 64] score tiles there
+    blocks = dataclasses.replace(blocks, block_k=64, block_q_dkv=64)
+  check_against_reference(shape, dtype, False, block_sizes=blocks,
                           mask_fn=mask_fn, seed=23, implementation="mosaic")
 
 
@@ -181,8 +186,9 @@ def test_three_consumers_bitwise(hopper):
     (dict(consumers=3, block_k=256), 64,
      r"consumers=3 needs block_k <= 128 \(got 256\)"),
     (dict(consumers=3, overlap=True), 64, r"and overlap=False \(got True\)"),
-    (dict(consumers=3), 128, "consumers=3 needs head_dim <= 64 .*got "
-     "head_dim 128"),
+    (dict(consumers=3), 128, "consumers=3 needs head_dim <= 64, or <= 128 "
+     "with block_k=64 .*got head_dim 128 with block_k 128"),
+    (dict(consumers=3, block_k=64), 256, "got head_dim 256 with block_k 64"),
 ])
 def test_three_consumers_unsupported(blocks, head_dim, message):
   """Where 160 registers per consumer cannot hold the tiles."""
@@ -234,6 +240,8 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
     (64, 2000, dict(is_causal=True, window_left=300, window_right=0),
      THREE_CONSUMERS),
     (64, 1000, dict(is_causal=True, has_segments=True), THREE_CONSUMERS),
+    (128, 2000, dict(is_causal=True, window_left=300, window_right=0),
+     dataclasses.replace(THREE_CONSUMERS, block_k=64, block_q_dkv=64)),
 ])
 def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
   """The forward and backward (at their default tiles, or `blocks`) trace
