@@ -29,8 +29,8 @@ case "$1" in
     FA2_RING2=1 t 70 python3 exp_consumers.py 2 time "$OUT/ab_2ring.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
     t 70 python3 exp_consumers.py 3s3 time "$OUT/ab_3s3.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
     export CASES=window16k,causal16k,full16k,full4k HD=128
-    for v in 2 3 2 3; do
-      t 50 python3 exp_consumers.py $v time "$OUT/ab_h128_$v.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
-    done
+    for r in 1 2; do for v in 2 3; do
+      t 50 python3 exp_consumers.py $v time "$OUT/ab_h128_${v}_$r.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
+    done; done
     ;;
 esac
