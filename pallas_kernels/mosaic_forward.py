@@ -413,7 +413,8 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   q_slots = 2 if tiles.persistent else 1
   scratch = _scratch(mask, blocks, hp, q.dtype, q_slots)
   mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=blocks,
-                fields=("block_q", "block_k", "stages"), reductions=True)
+                fields=("consumers", "block_q", "block_k", "stages"),
+                reductions=True)
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,
       group=num_heads // num_kv_heads, tiles=tiles)

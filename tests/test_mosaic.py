@@ -260,7 +260,8 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
 
 @pytest.mark.parametrize("head_dim,blocks,backward,message", [
     (128, dict(stages=3), False,
-     r"MosaicBlocks\(block_q=64, block_k=128, stages=3\) needs 232568 bytes "
+     r"MosaicBlocks\(consumers=2, block_q=64, block_k=128, stages=3\) needs "
+     r"232568 bytes "
      r"of shared memory in the forward at head_dim 128, more than the 232448 "
      "a CTA can have"),
     (128, dict(stages=3), True,
