@@ -91,10 +91,10 @@ class MosaicBlocks:
     otherwise one CTA per tile.
   consumers: the forward's compute warpgroups, 2 or 3 (a tile of consumers
     * block_q rows). With 3 each has 160 registers, so only at head_dim 64
-    with block_k <= 128, or 128 with block_k 64, and without `overlap`; they take turns at the
-    tensor cores in a ring (each issues its O += P V and next S = Q K^T in
-    its turn, so the others' softmaxes run meanwhile). The other kernels
-    always have 2.
+    with block_k <= 128, or 128 with block_k 64, and without `overlap`;
+    they take turns at the tensor cores in a ring (each issues its O += P V
+    and next S = Q K^T in its turn, so the others' softmaxes run
+    meanwhile). The other kernels always have 2.
   """
   block_q: int = 64
   block_k: int = 128
