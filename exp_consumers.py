@@ -96,6 +96,7 @@ def time_all():
       tf = timing.flops(batch, T, heads, HD, is_causal=causal, pass_=pass_) / s / 1e12
       rows.append(dict(variant=variant, head_dim=HD, ring=os.environ.get("FA2_RING", "pvqk"), ring2=os.environ.get("FA2_RING2"), case=name, pass_=pass_, ms=s * 1e3, tflops=tf))
       print(rows[-1], flush=True)
+      json.dump(rows, open(out_path, "w"), indent=1)  # kept if cut short
   return rows
 
 rows = check() if what == "check" else time_all()

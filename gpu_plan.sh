@@ -2,8 +2,8 @@
 # Branch three-consumers only (remove before merging): the GPU runs that
 # decide NOTES item 45, each stage one `run` call under 600 s.
 #   bash gpu_plan.sh check   # compiled tests + numerics + ptxas spills (~250 s)
-#   bash gpu_plan.sh ab      # 2 vs 3 consumers, head_dim 64, two rounds (~300 s)
-#   bash gpu_plan.sh ab2     # ring variants, 3 stages, head_dim 128 (~300 s)
+#   bash gpu_plan.sh ab      # 2 vs 3 consumers, head_dim 64, two rounds (<440 s)
+#   bash gpu_plan.sh ab2     # ring variants, 3 stages, head_dim 128 (<480 s)
 set -u
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,17 +20,17 @@ case "$1" in
   ab)
     export PASSES=fwd,fwd+bwd
     for r in 1 2; do for v in 2 3; do
-      t 75 python3 exp_consumers.py $v time "$OUT/ab_${v}_$r.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
+      t 110 python3 exp_consumers.py $v time "$OUT/ab_${v}_$r.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
     done; done
     ;;
   ab2)
     export PASSES=fwd
-    FA2_RING=pv t 70 python3 exp_consumers.py 3 time "$OUT/ab_3pv.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
-    FA2_RING2=1 t 70 python3 exp_consumers.py 2 time "$OUT/ab_2ring.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
-    t 70 python3 exp_consumers.py 3s3 time "$OUT/ab_3s3.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
+    FA2_RING=pv t 80 python3 exp_consumers.py 3 time "$OUT/ab_3pv.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
+    FA2_RING2=1 t 80 python3 exp_consumers.py 2 time "$OUT/ab_2ring.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
+    t 80 python3 exp_consumers.py 3s3 time "$OUT/ab_3s3.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
     export CASES=window16k,causal16k,full16k,full4k HD=128
     for r in 1 2; do for v in 2 3; do
-      t 50 python3 exp_consumers.py $v time "$OUT/ab_h128_${v}_$r.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
+      t 60 python3 exp_consumers.py $v time "$OUT/ab_h128_${v}_$r.json" 2>&1 | grep -E "^\{|Error" | cut -c1-220
     done; done
     ;;
 esac
