@@ -31,8 +31,8 @@ segment ids, only the blocks that can hold a matching pair are visited,
 and those whose queries and keys all share one id skip the element-wise
 mask (`mt.narrowed`).
 """
+import dataclasses
 import functools
-import os
 
 import jax.numpy as jnp
 from jax import lax
@@ -45,20 +45,13 @@ from pallas_kernels.outputs import out_struct
 from pallas_kernels.scores import LN2, ScoreRule
 
 
-# EXPERIMENT SWITCHES (remove before merging): the ring's turn covers O += P
-# V and the next S ("pvqk") or O += P V alone ("pv"); FA2_RING2=1 runs two
-# consumers in the ring too.
-_RING_MODE = os.environ.get("FA2_RING", "pvqk")
-_RING2 = os.environ.get("FA2_RING2") == "1"
-
-
 def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
               blocks: mt.MosaicBlocks, tiles: mt.Tiles):
   """One consumer warpgroup: rows [q_tile * n bq + wg * bq, + bq) of each of
   the CTA's tiles (n = blocks.consumers)."""
   bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
   n = blocks.consumers
-  ring = _RING_MODE if (n > 2 or _RING2) else None
+  ring = n > 2  # the consumers take turns in a ring, not a ping-pong
   q_ref, o_ref, lse_ref = refs["q"], refs["out"], refs["lse"]
   k_smem, v_smem = scratch["k"], scratch["v"]
   bars = scratch["bars"]
@@ -148,10 +141,10 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
         if next_q:  # the next tile's Q loads under this tile
           mt.when(mt.both(first, kv_block == start
                           + mt.prefetch_step(end - start)), next_q)
-        if ring == "pvqk":  # this S closes the turn the last O += P V took,
-          # unless it is the tile's first step
+        if ring:  # this S closes the turn the last O += P V took, unless
+          # it is the tile's first step
           mt.when(mt.negate(mt.both(first, kv_block == start)), release)
-        elif not ring:
+        else:
           schedule()  # the other consumer's softmax runs during this wgmma
         return acc_ref[...]
 
@@ -172,9 +165,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, v_keys)
-        if ring == "pv":
-          release()
-        elif ring == "pvqk":  # the tile's last step: no S follows
+        if ring:  # the tile's last step: no S follows
           mt.when(mt.both(last, kv_block == end - 1), release)
         nxt = kv_block + 1
         # The next K lands while this wgmma runs.
@@ -364,7 +355,7 @@ def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype,
           q=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
                           num_barriers=q_slots * n),
           schedule=plgpu.Barrier(num_arrivals=n), **ring_bars))
-  if blocks.overlap or n > 2 or _RING2:
+  if blocks.overlap or n > 2:
     scratch["bars"]["turn"] = plgpu.Barrier(num_barriers=n)
   if mask.has_segments:
     scratch["q_seg"] = plgpu.SMEM((q_slots, n, bq), jnp.int32)
@@ -388,6 +379,10 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   batch, seq_len_q, num_heads, head_dim = q.shape
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   hp = mt.padded_head_dim(head_dim)
+  asked = blocks  # the forward's ring depth is `forward_stages` where set
+  stages_field = "stages" if blocks.forward_stages is None else "forward_stages"
+  blocks = dataclasses.replace(blocks, stages=getattr(blocks, stages_field),
+                               forward_stages=None)
   if blocks.consumers > 2 and (hp > 128 or hp > 64 and blocks.block_k > 64):
     raise NotImplementedError(
         f"MosaicBlocks.consumers={blocks.consumers} needs head_dim <= 64, "
@@ -412,8 +407,8 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   # A CTA with several tiles loads the next one's Q during this one.
   q_slots = 2 if tiles.persistent else 1
   scratch = _scratch(mask, blocks, hp, q.dtype, q_slots)
-  mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=blocks,
-                fields=("consumers", "block_q", "block_k", "stages"),
+  mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=asked,
+                fields=("consumers", "block_q", "block_k", stages_field),
                 reductions=True)
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,

@@ -25,7 +25,7 @@ import numpy as np
 
 from pallas_kernels import schedule
 from pallas_kernels.mask import (MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT,
-                                 check_key_span, run_bound,
+                                 check_token_count, run_bound,
                                  segment_block_ranges, unbounded_below,
                                  within)
 
@@ -94,7 +94,11 @@ class MosaicBlocks:
     with block_k <= 128, or 128 with block_k 64, and without `overlap`;
     they take turns at the tensor cores in a ring (each issues its O += P V
     and next S = Q K^T in its turn, so the others' softmaxes run
-    meanwhile). The other kernels always have 2.
+    meanwhile). The other kernels always have 2. The default takes 3 only
+    at head_dim 64 with no mask from `THREE_CONSUMERS_MIN_LEN` tokens.
+  forward_stages: the forward's ring depth where it differs from `stages`
+    (None: `stages`), so that a forward tuned deeper leaves the backward's
+    kernels as they are.
   """
   block_q: int = 64
   block_k: int = 128
@@ -107,6 +111,7 @@ class MosaicBlocks:
   pingpong_across_tiles: bool = False
   persistent: bool = True
   consumers: int = 2
+  forward_stages: int | None = None
 
   def __post_init__(self):
     for field in ("block_q", "block_k", "block_k_dq", "block_q_dkv",
@@ -115,9 +120,14 @@ class MosaicBlocks:
       if not isinstance(value, int) or value <= 0 or value % 64:
         raise ValueError(f"MosaicBlocks.{field} must be a positive multiple "
                          f"of 64, got {value!r}")
-    if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
-      raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
-                       f"{self.stages!r}")
+    for field in ("stages", "forward_stages"):
+      value = getattr(self, field)
+      if field == "forward_stages" and value is None:
+        continue
+      if (not isinstance(value, int) or isinstance(value, bool)
+          or not 2 <= value <= 4):
+        raise ValueError(f"MosaicBlocks.{field} must be an int in [2, 4], "
+                         f"got {value!r}")
     for field in ("overlap", "pingpong_across_tiles", "persistent"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"MosaicBlocks.{field} must be a bool, got "
@@ -144,8 +154,17 @@ class MosaicBlocks:
 PINGPONG_ACROSS_KEY_SPAN = 2048
 
 
+# At head_dim 64 without any mask, from this many queries and keys the
+# forward runs 3 consumers (192-row tiles) with 128-key blocks in 3 stages:
+# on an H100 499-509 against 485-490 TFLOP/s at 16k, 500-503 against
+# 488-501 at 8k, but 443-449 against 476-491 at 4k (benchmarks/NOTES.md
+# item 45).
+THREE_CONSUMERS_MIN_LEN = 8192
+
+
 def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
-                          key_span: int | None = None) -> MosaicBlocks:
+                          key_span: int | None = None,
+                          unmasked_len: int | None = None) -> MosaicBlocks:
   """The Hopper tiles for a head_dim (swept on an H100,
   benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
   shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV
@@ -157,14 +176,20 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   items 18 and 21), and the ping-pong running on across tiles (item 28),
   as at 128 under a window of at most `PINGPONG_ACROSS_KEY_SPAN` keys
   (`key_span`: the most keys a query row can see, `MaskRule.key_span`;
-  None when unbounded)."""
+  None when unbounded). `unmasked_len`: min(T, S) where no mask cuts any
+  block (no causal mask, window or segment ids), else None; from
+  `THREE_CONSUMERS_MIN_LEN` at head_dim 64 the forward takes 3 consumers."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
-  check_key_span(key_span)
+  check_token_count(key_span)
+  check_token_count(unmasked_len, "unmasked_len")
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
                         block_q_dkv=64, block_k_dkv=64, stages=2)
   if head_dim <= 64:
+    if unmasked_len is not None and unmasked_len >= THREE_CONSUMERS_MIN_LEN:
+      return MosaicBlocks(block_q_dkv=128, block_k=128, consumers=3,
+                          forward_stages=3, pingpong_across_tiles=True)
     return MosaicBlocks(block_q_dkv=128, block_k=128 if masked else 256,
                         pingpong_across_tiles=True)
   return MosaicBlocks(pingpong_across_tiles=key_span is not None

@@ -152,6 +152,23 @@ def test_three_consumers(shape, mask_name, dtype, hopper):
                           mask_fn=mask_fn, seed=23, implementation="mosaic")
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [
+    (1, 8192, 8192, 2, 1, 64, False),  # the default there
+    (2, 1000, 777, 4, 2, 64, False),
+])
+def test_three_consumers_three_stages(shape, dtype, hopper):
+  """Three consumers over a 3-stage forward ring (`forward_stages`), the
+  default at head_dim 64 without a mask from 8192 tokens; the backward
+  keeps its 2 stages."""
+  blocks = None
+  if shape[1] < mosaic_tiles.THREE_CONSUMERS_MIN_LEN:
+    blocks = dataclasses.replace(THREE_CONSUMERS, forward_stages=3)
+  check_against_reference(shape, dtype, False, block_sizes=blocks, seed=25,
+                          implementation="mosaic")
+
+
 @pytest.mark.parametrize("name", ["bottom_right-T>S", "window-2sided",
                                   "packed-causal"])
 def test_three_consumers_persistent(name, hopper, few_sms):
@@ -231,6 +248,7 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
     (64, 1000, dict(is_causal=True), None),
     (64, 4096, {}, None),  # 256-key forward tiles, the rotated fused dQ
     (64, 8192, dict(is_causal=True), None),  # the UP walk of the fused dQ
+    (64, 8192, {}, None),  # 3 consumers, 3 forward stages
     (128, 1000, dict(is_causal=True), None),
     (64, 2000, dict(is_causal=True, window_left=300, window_right=0), None),
     (64, 1000, dict(is_causal=True, has_segments=True), None),
@@ -250,7 +268,8 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
   compiled tests)."""
   rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len, **rule_kwargs)
   blocks = blocks or fa2_jax.default_mosaic_blocks(
-      head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span)
+      head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span,
+      unmasked_len=rule.unmasked_len)
   backward = head_dim <= mosaic_backward.MAX_HEAD_DIM
   text = _mosaic_text(rule, blocks, head_dim, backward=backward)
   # The forward; the dK/dV kernel, and the dQ kernel unless dQ is fused.
@@ -272,6 +291,9 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
      "233616 bytes of shared memory in the dK/dV kernel with dQ fused"),
     (64, dict(stages=4), False, "needs 281752 bytes of shared memory in the "
      "forward at head_dim 64"),
+    (128, dict(forward_stages=3), False,
+     r"MosaicBlocks\(consumers=2, block_q=64, block_k=128, forward_stages=3\) "
+     "needs 232568 bytes"),
 ])
 def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
                                         monkeypatch):
@@ -290,6 +312,32 @@ def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
   with pytest.raises(ValueError, match=rf"exceeds available shared memory: "
                                        rf"smem_bytes={need.group(1)} "):
     lower()
+
+
+def test_forward_stages_leave_the_backward():
+  """`forward_stages` deepens the forward's ring only: the backward traces
+  to the same program as with `stages` alone; the forward to that of
+  `stages=3`."""
+  rule = MaskRule(seq_len_q=1000, seq_len_k=1000, is_causal=True)
+  kw = dict(mask=rule, score=ScoreRule(scale=0.125))
+  q = jax.ShapeDtypeStruct((1, 1000, 4, 64), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((1, 4, 1000), jnp.float32)
+
+  def program(blocks, forward):
+    if forward:
+      return str(jax.make_jaxpr(lambda q, k, v: mosaic_forward.forward(
+          q, k, v, None, blocks=blocks, **kw))(q, q, q))
+    return str(jax.make_jaxpr(
+        lambda q, k, v, do, lse, delta: mosaic_backward.backward(
+            q, k, v, do, lse, delta, None, blocks=blocks, **kw))(
+                q, q, q, q, stats, stats))
+
+  base = fa2_jax.default_mosaic_blocks(64)
+  deeper = dataclasses.replace(base, forward_stages=3)
+  assert program(deeper, False) == program(base, False)
+  assert program(deeper, True) != program(base, True)
+  assert program(deeper, True) == program(
+      dataclasses.replace(base, stages=3), True)
 
 
 def test_default_fused_dq_only_where_it_fits():
