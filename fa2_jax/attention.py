@@ -146,7 +146,8 @@ def kernel_config(mask, score, dropout, implementation: str, interpret: bool,
     mosaic_tiles = (block_sizes if isinstance(block_sizes, MosaicBlocks)
                     else default_mosaic_blocks(
                         head_dim, masked=mask.cuts_many_blocks,
-                        key_span=mask.key_span))
+                        key_span=mask.key_span,
+                        unmasked_len=mask.unmasked_len))
   return KernelConfig(mask=mask, score=score, dropout=dropout,
                       block_sizes=triton_tiles, interpret=interpret,
                       backend=implementation, mosaic_blocks=mosaic_tiles)

@@ -3,7 +3,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from pallas_kernels.mask import check_key_span
+from pallas_kernels.mask import check_token_count
 
 _POW2_TILES = (16, 32, 64, 128, 256)
 _NUM_WARPS = (1, 2, 4, 8, 16)
@@ -73,7 +73,7 @@ def default_block_sizes(head_dim: int, dtype, device_kind: str | None = None,
       tiles: two programs per SM, so one's Q load and O store overlap the
       other's loop.
   """
-  check_key_span(key_span)
+  check_token_count(key_span)
   wide = jnp.dtype(dtype).itemsize >= 4
   del device_kind  # One table for now, measured on an H100 at seqlen 4096
   # (benchmarks/tune_blocks.py, results in benchmarks/results/).

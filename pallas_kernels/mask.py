@@ -75,16 +75,16 @@ def run_bound(run: str, *, query_major: bool) -> str:
   return "lo" if (run == "leading") == query_major else "hi"
 
 
-def check_key_span(key_span):
-  """Raises on a `key_span` (the tile defaults' argument: the most keys a
-  query row can see, `MaskRule.key_span`) that is not an int >= 0 or
-  None."""
-  if key_span is not None and (isinstance(key_span, bool)
-                               or not isinstance(key_span, int)):
-    raise TypeError(f"key_span must be an int or None, got "
-                    f"{type(key_span).__name__}")
-  if key_span is not None and key_span < 0:
-    raise ValueError(f"key_span must be >= 0, got {key_span}")
+def check_token_count(value, name: str = "key_span"):
+  """Raises on a token count given to the tile defaults (`key_span`: the
+  most keys a query row can see, `MaskRule.key_span`; `unmasked_len`) that
+  is not an int >= 0 or None."""
+  if value is not None and (isinstance(value, bool)
+                            or not isinstance(value, int)):
+    raise TypeError(f"{name} must be an int or None, got "
+                    f"{type(value).__name__}")
+  if value is not None and value < 0:
+    raise ValueError(f"{name} must be >= 0, got {value}")
 
 
 def _clamp(x, lo, hi):
@@ -152,6 +152,12 @@ class MaskRule:
     """Whether a block can be partly visible (positions, segments or a mask
     array): where wider key tiles waste work on the cut ones."""
     return self.has_position_mask or not self.dense_blocks
+
+  @property
+  def unmasked_len(self) -> int | None:
+    """min(T, S) where no mask cuts any block (the tile defaults'
+    argument), else None."""
+    return None if self.cuts_blocks else min(self.seq_len_q, self.seq_len_k)
 
   @property
   def cuts_many_blocks(self) -> bool:

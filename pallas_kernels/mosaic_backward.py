@@ -728,7 +728,9 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
         f"{head_dim} (fa2_jax runs the Triton backward there)")
   # One padded length serves both kernels' query and key tiles.
   # The dQ kernel is query-major like the forward, with its own key tiles.
-  dq_blocks = dataclasses.replace(blocks, block_k=blocks.block_k_dq)
+  # (`consumers` is the forward's: the backward's kernels have two.)
+  dq_blocks = dataclasses.replace(blocks, block_k=blocks.block_k_dq,
+                                  consumers=mt.CONSUMERS)
   tp = mt.round_up(seq_len_q, math.lcm(mt.CONSUMERS * blocks.block_q,
                                        blocks.block_q_dkv))
   sp = mt.round_up(seq_len_k, math.lcm(mt.CONSUMERS * blocks.block_k_dkv,

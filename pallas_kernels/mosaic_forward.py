@@ -1,18 +1,23 @@
 """FlashAttention-2 forward (Algorithm 1) for Hopper, Pallas Mosaic GPU.
 
-Work items are (query tile of CONSUMERS * block_q rows, query head, batch):
-one CTA each, or, persistent (`mt.Tiles`), one CTA per SM looping over
-its share, with the K/V ring running on across tiles and the next tile's Q
-loading into a second slot during this one. Each CTA has three warpgroups:
+Work items are (query tile of n * block_q rows, query head, batch), n =
+`MosaicBlocks.consumers`: one CTA each, or, persistent (`mt.Tiles`), one CTA
+per SM looping over its share, with the K/V ring running on across tiles and
+the next tile's Q loading into a second slot during this one. Each CTA has
+n + 1 warpgroups:
   * a producer that TMA-copies the K and V tiles the CTA visits into a ring
     of `stages` shared-memory slots (and the key segment ids with K);
-  * two consumers, each owning 64 rows of Q in shared memory and its own
-    online softmax in registers: S = Q K^T and O += P V are wgmma.
+  * n consumers (2, or 3 at head_dim 64), each owning block_q rows of Q in
+    shared memory and its own online softmax in registers: S = Q K^T and
+    O += P V are wgmma.
 
-The consumers ping-pong (FlashAttention-3): a shared "schedule" barrier, one
+Two consumers ping-pong (FlashAttention-3): a shared "schedule" barrier, one
 phase apart, lets one warpgroup's softmax run while the other's matmuls hold
 the tensor cores; it restarts each tile, or with
-`MosaicBlocks.pingpong_across_tiles` runs on through a CTA's tiles. With
+`MosaicBlocks.pingpong_across_tiles` runs on through a CTA's tiles. Three
+take turns in a ring ("turn" barriers, running on through the tiles): each
+issues its O += P V and its next S = Q K^T in its turn, and passes the turn
+on, so the others' softmaxes run under its matmuls. With
 `MosaicBlocks.overlap` each consumer also overlaps
 its own work (FA3's intra-warpgroup pipelining): block j's S = Q K^T is
 issued together with block j-1's O += P V, and block j's softmax runs while
@@ -26,6 +31,7 @@ segment ids, only the blocks that can hold a matching pair are visited,
 and those whose queries and keys all share one id skip the element-wise
 mask (`mt.narrowed`).
 """
+import dataclasses
 import functools
 
 import jax.numpy as jnp
@@ -41,9 +47,11 @@ from pallas_kernels.scores import LN2, ScoreRule
 
 def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
               blocks: mt.MosaicBlocks, tiles: mt.Tiles):
-  """One consumer warpgroup: rows [q_tile * 2 bq + wg * bq, + bq) of each of
-  the CTA's tiles."""
+  """One consumer warpgroup: rows [q_tile * n bq + wg * bq, + bq) of each of
+  the CTA's tiles (n = blocks.consumers)."""
   bq, bk, stages = blocks.block_q, blocks.block_k, blocks.stages
+  n = blocks.consumers
+  ring = n > 2  # the consumers take turns in a ring, not a ping-pong
   q_ref, o_ref, lse_ref = refs["q"], refs["out"], refs["lse"]
   k_smem, v_smem = scratch["k"], scratch["v"]
   bars = scratch["bars"]
@@ -53,28 +61,34 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
   num_tiles = tiles.count(cta)
   # A wide window's edge blocks compare one bound (benchmarks/NOTES.md
   # item 31).
-  one_sided = mask.one_sided_runs(mt.CONSUMERS * bq, bk, query_major=True)
+  one_sided = mask.one_sided_runs(n * bq, bk, query_major=True)
 
   def load_q(t, slot):  # Q (and its segment ids) of local tile t
     mt.load_own(refs, scratch,
                 ["q"] + (["q_seg"] if mask.has_segments else []), bars["q"],
-                tiles=tiles, cta=cta, t=t, wg=wg, slot=slot, block=bq)
+                tiles=tiles, cta=cta, t=t, wg=wg, slot=slot, block=bq,
+                consumers=n)
 
   def schedule():  # both consumers meet here, one phase apart
     plgpu.barrier_arrive(bars["schedule"])
     plgpu.barrier_wait(bars["schedule"])
 
+  def acquire():  # the ring: wait for this consumer's turn
+    plgpu.barrier_wait(bars["turn"].at[wg])
+
+  def release():  # the ring: the next consumer's turn
+    plgpu.barrier_arrive(bars["turn"].at[lax.rem(wg + 1, n)])
+
   def tile(t, coords, first):
     q_tile, head, batch = coords
     bounds, loops = mt.visited_runs(mask, refs.get("seg_range"), batch,
-                                    q_tile, mt.CONSUMERS * bq, bk,
-                                    query_major=True)
+                                    q_tile, n * bq, bk, query_major=True)
     start, end = bounds[0], bounds[3]
-    row0 = mt.own_rows(q_tile, wg, bq)[0]
+    row0 = mt.own_rows(q_tile, wg, bq, n)[0]
     # O is staged in the Q slot (and the LSE buffer is reused).
     q_slot, next_q = mt.operand_slot(
         t, num_tiles, q_slots, load_q,
-        lambda slot: mt.own_slot(bars["q"], slot, wg))
+        lambda slot: mt.own_slot(bars["q"], slot, wg, n))
     q_smem = scratch["q"].at[q_slot, wg]
     q_seg = (mt.load_vector(scratch["q_seg"].at[q_slot, wg], axis=0)
              if mask.has_segments else None)
@@ -127,7 +141,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
         if next_q:  # the next tile's Q loads under this tile
           mt.when(mt.both(first, kv_block == start
                           + mt.prefetch_step(end - start)), next_q)
-        schedule()  # the other consumer's softmax runs during this wgmma
+        if ring:  # this S closes the turn the last O += P V took, unless
+          # it is the tile's first step
+          mt.when(mt.negate(mt.both(first, kv_block == start)), release)
+        else:
+          schedule()  # the other consumer's softmax runs during this wgmma
         return acc_ref[...]
 
       s = pl.run_scoped(qk, plgpu.ACC((bq, width), jnp.float32))
@@ -137,12 +155,18 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
       l_i = l_i * alpha + p.sum(axis=1)
       p16 = p.astype(dtype)
       acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-      plgpu.barrier_arrive(bars["schedule"])  # softmax done
-      mt.when(first, lambda: plgpu.barrier_wait(bars["v_ready"].at[slot]))
-      plgpu.barrier_wait(bars["schedule"])  # tensor cores free
+      if ring:
+        mt.when(first, lambda: plgpu.barrier_wait(bars["v_ready"].at[slot]))
+        acquire()
+      else:
+        plgpu.barrier_arrive(bars["schedule"])  # softmax done
+        mt.when(first, lambda: plgpu.barrier_wait(bars["v_ready"].at[slot]))
+        plgpu.barrier_wait(bars["schedule"])  # tensor cores free
 
       def pv(acc_ref):
         plgpu.wgmma(acc_ref, p16, v_keys)
+        if ring:  # the tile's last step: no S follows
+          mt.when(mt.both(last, kv_block == end - 1), release)
         nxt = kv_block + 1
         # The next K lands while this wgmma runs.
         mt.when(mt.both(last, nxt < end), lambda: plgpu.barrier_wait(
@@ -161,7 +185,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     split = (bk > sub and bk % sub == 0
              and (loops["leading"] or loops["trailing"]))
     if split:
-      sub_bounds = mask.key_blocks(q_tile, mt.CONSUMERS * bq, sub)
+      sub_bounds = mask.key_blocks(q_tile, n * bq, sub)
 
     def split_step(kv_block, carry, masked):
       """A masked block (of run `masked`) as bk // sub sub-steps over its
@@ -257,10 +281,11 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
       def _():
         plgpu.barrier_wait(bars["k_ready"].at[mt.slot_of(first, stages)])
 
-      if not blocks.pingpong_across_tiles:  # consumer 0 goes first
+      restart = not (ring or blocks.pingpong_across_tiles)
+      if restart:  # consumer 0 goes first
         pl.when(wg == 1)(schedule)
       carry = mt.visit_runs(bounds, loops, block_step, carry)
-      if not blocks.pingpong_across_tiles:
+      if restart:
         pl.when(wg == 0)(schedule)
       if next_q:
         pl.when(end == start)(next_q)  # a tile with no step
@@ -277,7 +302,7 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     lse_smem[...] = jnp.where(empty, -jnp.inf,
                               (m_i + jnp.log2(l_safe)) * LN2)
     plgpu.commit_smem()
-    rows = mt.own_rows(q_tile, wg, bq)[1]
+    rows = mt.own_rows(q_tile, wg, bq, n)[1]
     plgpu.copy_smem_to_gmem(q_smem, o_ref.at[batch, rows, head])
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[batch, head, rows])
     return first + end - start
@@ -286,10 +311,12 @@ def _consumer(wg, refs, scratch, *, mask: MaskRule, score: ScoreRule,
     pl.when(num_tiles > 0)(lambda: load_q(0, 0))
   if blocks.overlap:  # consumer 0 issues first
     pl.when(wg == 1)(lambda: plgpu.barrier_arrive(bars["turn"].at[0]))
+  elif ring:  # consumer 0 takes the first turn
+    pl.when(wg == n - 1)(release)
   elif blocks.pingpong_across_tiles:  # consumer 0 goes first, once
     pl.when(wg == 1)(schedule)
   tiles.loop(tile, jnp.int32(0))
-  if not blocks.overlap and blocks.pingpong_across_tiles:
+  if not (blocks.overlap or ring) and blocks.pingpong_across_tiles:
     pl.when(wg == 0)(schedule)
   plgpu.wait_smem_to_gmem(0)
 
@@ -302,7 +329,8 @@ def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
   mt.query_major_kernel(
       args, names + ["out", "lse"],
       functools.partial(_consumer, mask=mask, score=score, blocks=blocks),
-      mask=mask, blocks=blocks, group=group, tiles=tiles)
+      mask=mask, blocks=blocks, group=group, tiles=tiles,
+      consumers=blocks.consumers)
 
 
 def _max_mean_varied(head_dim: int):
@@ -317,20 +345,20 @@ def _max_mean_varied(head_dim: int):
 
 def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype,
              q_slots: int):
-  bq = blocks.block_q
+  bq, n = blocks.block_q, blocks.consumers
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
-                                       head_dim, dtype)
+                                       head_dim, dtype, n)
   scratch = dict(
-      q=mt.tile_smem((q_slots, mt.CONSUMERS, bq, head_dim), dtype),
-      lse=plgpu.SMEM((mt.CONSUMERS, bq), jnp.float32), **ring,
+      q=mt.tile_smem((q_slots, n, bq, head_dim), dtype),
+      lse=plgpu.SMEM((n, bq), jnp.float32), **ring,
       bars=dict(
           q=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
-                          num_barriers=q_slots * mt.CONSUMERS),
-          schedule=plgpu.Barrier(num_arrivals=mt.CONSUMERS), **ring_bars))
-  if blocks.overlap:
-    scratch["bars"]["turn"] = plgpu.Barrier(num_barriers=mt.CONSUMERS)
+                          num_barriers=q_slots * n),
+          schedule=plgpu.Barrier(num_arrivals=n), **ring_bars))
+  if blocks.overlap or n > 2:
+    scratch["bars"]["turn"] = plgpu.Barrier(num_barriers=n)
   if mask.has_segments:
-    scratch["q_seg"] = plgpu.SMEM((q_slots, mt.CONSUMERS, bq), jnp.int32)
+    scratch["q_seg"] = plgpu.SMEM((q_slots, n, bq), jnp.int32)
   return scratch
 
 
@@ -351,7 +379,16 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   batch, seq_len_q, num_heads, head_dim = q.shape
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   hp = mt.padded_head_dim(head_dim)
-  rows_per_cta = mt.CONSUMERS * blocks.block_q
+  asked = blocks  # the forward's ring depth is `forward_stages` where set
+  stages_field = "stages" if blocks.forward_stages is None else "forward_stages"
+  blocks = dataclasses.replace(blocks, stages=getattr(blocks, stages_field),
+                               forward_stages=None)
+  if blocks.consumers > 2 and (hp > 128 or hp > 64 and blocks.block_k > 64):
+    raise NotImplementedError(
+        f"MosaicBlocks.consumers={blocks.consumers} needs head_dim <= 64, "
+        f"or <= 128 with block_k=64 (160 registers per consumer), got "
+        f"head_dim {head_dim} with block_k {blocks.block_k}")
+  rows_per_cta = blocks.consumers * blocks.block_q
   tp = mt.round_up(seq_len_q, rows_per_cta)
   sp = mt.round_up(seq_len_k, blocks.block_k)
   segments = mt.pad_segments(segments, tp, sp)
@@ -364,14 +401,15 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
                                               blocks.block_k),
                     tp // rows_per_cta), num_heads, batch,
       persistent=blocks.persistent and mt.fits_two_slots(
-          mt.CONSUMERS * blocks.block_q, 2 * blocks.stages * blocks.block_k,
+          rows_per_cta, 2 * blocks.stages * blocks.block_k,
           hp, q.dtype),
       max_mean_varied=_max_mean_varied(hp))
   # A CTA with several tiles loads the next one's Q during this one.
   q_slots = 2 if tiles.persistent else 1
   scratch = _scratch(mask, blocks, hp, q.dtype, q_slots)
-  mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=blocks,
-                fields=("block_q", "block_k", "stages"), reductions=True)
+  mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=asked,
+                fields=("consumers", "block_q", "block_k", stages_field),
+                reductions=True)
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,
       group=num_heads // num_kv_heads, tiles=tiles)
@@ -382,7 +420,7 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       scratch_types=[scratch],
       grid=(tiles.num_ctas,),
       grid_names=("cta",),
-      num_threads=mt.CONSUMERS + 1,
+      num_threads=blocks.consumers + 1,
       thread_name="wg",
       compiler_params=mt.compiler_params(),
   )(*inputs, *tiles.inputs())

@@ -25,17 +25,17 @@ import numpy as np
 
 from pallas_kernels import schedule
 from pallas_kernels.mask import (MaskRule, PAD_KEY_SEGMENT, PAD_QUERY_SEGMENT,
-                                 check_key_span, run_bound,
+                                 check_token_count, run_bound,
                                  segment_block_ranges, unbounded_below,
                                  within)
 
-CONSUMERS = 2    # compute warpgroups per CTA
+CONSUMERS = 2    # compute warpgroups per CTA (the forward's: `consumers`)
 HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.float16, jnp.bfloat16)
-# Registers per thread: consumers take what the producer gives up
-# ((2 * 232 + 40) * 128 threads fits the 64K register file).
-CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
+# Registers per thread (consumer, producer) by the number of consumer
+# warpgroups: consumers take what the producer gives up ((2 * 232 + 40) *
+# 128 and (3 * 160 + 32) * 128 threads fit the 64K register file).
+REGISTERS = {2: (232, 40), 3: (160, 32)}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,6 +89,16 @@ class MosaicBlocks:
     tiles averaging at most 64 steps, 32 where they differ in length, and
     no fused dQ; dQ: query tiles averaging at most 16 key blocks);
     otherwise one CTA per tile.
+  consumers: the forward's compute warpgroups, 2 or 3 (a tile of consumers
+    * block_q rows). With 3 each has 160 registers, so only at head_dim 64
+    with block_k <= 128, or 128 with block_k 64, and without `overlap`;
+    they take turns at the tensor cores in a ring (each issues its O += P V
+    and next S = Q K^T in its turn, so the others' softmaxes run
+    meanwhile). The other kernels always have 2. The default takes 3 only
+    at head_dim 64 with no mask from `THREE_CONSUMERS_MIN_LEN` tokens.
+  forward_stages: the forward's ring depth where it differs from `stages`
+    (None: `stages`), so that a forward tuned deeper leaves the backward's
+    kernels as they are.
   """
   block_q: int = 64
   block_k: int = 128
@@ -100,6 +110,8 @@ class MosaicBlocks:
   overlap: bool = False
   pingpong_across_tiles: bool = False
   persistent: bool = True
+  consumers: int = 2
+  forward_stages: int | None = None
 
   def __post_init__(self):
     for field in ("block_q", "block_k", "block_k_dq", "block_q_dkv",
@@ -108,13 +120,27 @@ class MosaicBlocks:
       if not isinstance(value, int) or value <= 0 or value % 64:
         raise ValueError(f"MosaicBlocks.{field} must be a positive multiple "
                          f"of 64, got {value!r}")
-    if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
-      raise ValueError(f"MosaicBlocks.stages must be an int in [2, 4], got "
-                       f"{self.stages!r}")
+    for field in ("stages", "forward_stages"):
+      value = getattr(self, field)
+      if field == "forward_stages" and value is None:
+        continue
+      if (not isinstance(value, int) or isinstance(value, bool)
+          or not 2 <= value <= 4):
+        raise ValueError(f"MosaicBlocks.{field} must be an int in [2, 4], "
+                         f"got {value!r}")
     for field in ("overlap", "pingpong_across_tiles", "persistent"):
       if not isinstance(getattr(self, field), bool):
         raise ValueError(f"MosaicBlocks.{field} must be a bool, got "
                          f"{getattr(self, field)!r}")
+    if (not isinstance(self.consumers, int) or isinstance(self.consumers, bool)
+        or self.consumers not in REGISTERS):
+      raise ValueError(f"MosaicBlocks.consumers must be one of "
+                       f"{tuple(REGISTERS)}, got {self.consumers!r}")
+    if self.consumers > 2 and (self.block_k > 128 or self.overlap):
+      raise NotImplementedError(
+          f"MosaicBlocks.consumers={self.consumers} needs block_k <= 128 "
+          f"(got {self.block_k}) and overlap=False (got {self.overlap}): "
+          f"its consumers have 160 registers")
     if self.fused_dq is not None and not isinstance(self.fused_dq, bool):
       raise ValueError(f"MosaicBlocks.fused_dq must be a bool or None, got "
                        f"{self.fused_dq!r}")
@@ -128,8 +154,17 @@ class MosaicBlocks:
 PINGPONG_ACROSS_KEY_SPAN = 2048
 
 
+# At head_dim 64 without any mask, from this many queries and keys the
+# forward runs 3 consumers (192-row tiles) with 128-key blocks in 3 stages:
+# on an H100 499-509 against 485-490 TFLOP/s at 16k, 500-503 against
+# 488-501 at 8k, but 443-449 against 476-491 at 4k (benchmarks/NOTES.md
+# item 45).
+THREE_CONSUMERS_MIN_LEN = 8192
+
+
 def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
-                          key_span: int | None = None) -> MosaicBlocks:
+                          key_span: int | None = None,
+                          unmasked_len: int | None = None) -> MosaicBlocks:
   """The Hopper tiles for a head_dim (swept on an H100,
   benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
   shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV
@@ -141,14 +176,20 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   items 18 and 21), and the ping-pong running on across tiles (item 28),
   as at 128 under a window of at most `PINGPONG_ACROSS_KEY_SPAN` keys
   (`key_span`: the most keys a query row can see, `MaskRule.key_span`;
-  None when unbounded)."""
+  None when unbounded). `unmasked_len`: min(T, S) where no mask cuts any
+  block (no causal mask, window or segment ids), else None; from
+  `THREE_CONSUMERS_MIN_LEN` at head_dim 64 the forward takes 3 consumers."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
-  check_key_span(key_span)
+  check_token_count(key_span)
+  check_token_count(unmasked_len, "unmasked_len")
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
                         block_q_dkv=64, block_k_dkv=64, stages=2)
   if head_dim <= 64:
+    if unmasked_len is not None and unmasked_len >= THREE_CONSUMERS_MIN_LEN:
+      return MosaicBlocks(block_q_dkv=128, block_k=128, consumers=3,
+                          forward_stages=3, pingpong_across_tiles=True)
     return MosaicBlocks(block_q_dkv=128, block_k=128 if masked else 256,
                         pingpong_across_tiles=True)
   return MosaicBlocks(pingpong_across_tiles=key_span is not None
@@ -543,28 +584,28 @@ def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
     plgpu.copy_gmem_to_smem(src, dst(name), barrier)
 
 
-def own_rows(tile, wg, block: int):
-  """Consumer wg's share of a tile of CONSUMERS * block rows (or keys):
+def own_rows(tile, wg, block: int, consumers: int = CONSUMERS):
+  """Consumer wg's share of a tile of consumers * block rows (or keys):
   (its first index, its pl.ds)."""
-  first = tile * (CONSUMERS * block) + wg * block
+  first = tile * (consumers * block) + wg * block
   return first, pl.ds(first, block)
 
 
-def own_slot(barrier, slot, wg):
+def own_slot(barrier, slot, wg, consumers: int = CONSUMERS):
   """Consumer wg's barrier of operand slot `slot` (`operand_slot`)."""
-  return barrier.at[slot * CONSUMERS + wg]
+  return barrier.at[slot * consumers + wg]
 
 
 def load_own(refs, scratch, names, barrier, *, tiles: "Tiles", cta, t, wg,
-             slot, block: int):
+             slot, block: int, consumers: int = CONSUMERS):
   """Copies consumer wg's rows of CTA cta's local tile t (`own_rows`) of
   the named inputs into slot `slot` of their buffers, completing on
   `own_slot(barrier, slot, wg)`: the forward's Q, the dK/dV kernel's K
   and V."""
   tile, head, batch = tiles.at(cta, t)
   copy_rows(refs, names, lambda name: scratch[name].at[slot, wg],
-            own_slot(barrier, slot, wg), batch=batch,
-            rows=own_rows(tile, wg, block)[1], head=head)
+            own_slot(barrier, slot, wg, consumers), batch=batch,
+            rows=own_rows(tile, wg, block, consumers)[1], head=head)
 
 
 # The step of a tile under which the next tile's operands start loading
@@ -630,6 +671,11 @@ def both(a, b):
   return jnp.logical_and(a, b)
 
 
+def negate(a):
+  """not a, for a Python bool or a traced predicate."""
+  return (not a) if isinstance(a, bool) else jnp.logical_not(a)
+
+
 def slot_of(i, stages: int):
   """The ring slot of pipeline step i (an int32 scalar)."""
   return lax.rem(i, jnp.asarray(stages, i.dtype))
@@ -690,7 +736,7 @@ def matmul_t(a, b, shape, during=None):
 
 
 def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
-                    dtype) -> tuple:
+                    dtype, consumers: int = CONSUMERS) -> tuple:
   """(buffers, barriers) of a ring of K and V tiles (and key segment ids)
   that the consumers free once each: see `kv_producer`."""
   buffers = dict(k=tile_smem((stages, block_k, head_dim), dtype),
@@ -701,15 +747,17 @@ def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
       k_ready=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
                             num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
-      k_free=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
-      v_free=plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages))
+      k_free=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
   return buffers, barriers
 
 
 def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
-                stages: int, group: int, tiles: Tiles):
+                stages: int, group: int, tiles: Tiles,
+                consumers: int = CONSUMERS):
   """The TMA warpgroup of the query-major kernels (forward, dQ): K (with the
-  key segment ids) and V of every key block each of the CTA's tiles visits,
+  key segment ids) and V of every key block each of the CTA's tiles (of
+  consumers * block_q rows) visits,
   in order, into the ring of `kv_ring_scratch`; the ring runs on across
   tiles, so the next tile's first blocks load while this one finishes."""
   bars = scratch["bars"]
@@ -717,7 +765,7 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
   def tile(t, coords, first):
     q_tile, head, batch = coords
     start, _, _, end = visited_runs(
-        mask, refs.get("seg_range"), batch, q_tile, CONSUMERS * block_q,
+        mask, refs.get("seg_range"), batch, q_tile, consumers * block_q,
         block_k, query_major=True)[0]
     kv_head = lax.div(head, _i32(group))
 
@@ -744,19 +792,20 @@ def named_refs(args, names):
   return dict(zip(names, args[:len(names)])), scratch
 
 
-def warp_specialize(consumer, producer):
-  """Runs consumer(wg) on warpgroups 0..CONSUMERS-1 (registers raised) and
-  producer() on the last one (registers lowered)."""
+def warp_specialize(consumer, producer, consumers: int = CONSUMERS):
+  """Runs consumer(wg) on warpgroups 0..consumers-1 (registers raised) and
+  producer() on the last one (registers lowered; `REGISTERS`)."""
   wg = lax.axis_index("wg")
+  consumer_registers, producer_registers = REGISTERS[consumers]
 
-  @pl.when(wg < CONSUMERS)
+  @pl.when(wg < consumers)
   def _():
-    plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+    plgpu.set_max_registers(consumer_registers, action="increase")
     consumer(wg)
 
-  @pl.when(wg == CONSUMERS)
+  @pl.when(wg == consumers)
   def _():
-    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+    plgpu.set_max_registers(producer_registers, action="decrease")
     producer()
 
 
@@ -768,7 +817,8 @@ def tile_costs(block_range, num_tiles: int) -> list:
 
 
 def query_major_kernel(args, names, consumer, *, mask: MaskRule,
-                       blocks: MosaicBlocks, group: int, tiles: Tiles):
+                       blocks: MosaicBlocks, group: int, tiles: Tiles,
+                       consumers: int = CONSUMERS):
   """The body of a kernel parallel over query tiles (forward, dQ), grid
   (tiles.num_ctas,) named "cta": the consumers run
   consumer(wg, refs, scratch, tiles=tiles), each looping over the CTA's
@@ -780,7 +830,8 @@ def query_major_kernel(args, names, consumer, *, mask: MaskRule,
       lambda wg: consumer(wg, refs, scratch, tiles=tiles),
       lambda: kv_producer(refs, scratch, mask=mask, block_q=blocks.block_q,
                           block_k=blocks.block_k, stages=blocks.stages,
-                          group=group, tiles=tiles))
+                          group=group, tiles=tiles, consumers=consumers),
+      consumers)
 
 
 def key_ring_step(first, bounds, kv_block):

@@ -229,12 +229,19 @@ def test_narrow_windows_take_small_tiles():
      "of 64, got 96"),
     ("stages", 5, r"MosaicBlocks.stages must be an int in \[2, 4\], got 5"),
     ("stages", 1, r"MosaicBlocks.stages must be an int in \[2, 4\], got 1"),
+    ("forward_stages", 5,
+     r"MosaicBlocks.forward_stages must be an int in \[2, 4\], got 5"),
+    ("forward_stages", True,
+     r"MosaicBlocks.forward_stages must be an int in \[2, 4\], got True"),
     ("fused_dq", 1, "MosaicBlocks.fused_dq must be a bool or None, got 1"),
     ("persistent", "yes",
      "MosaicBlocks.persistent must be a bool, got 'yes'"),
     ("overlap", None, "MosaicBlocks.overlap must be a bool, got None"),
     ("pingpong_across_tiles", 1,
      "MosaicBlocks.pingpong_across_tiles must be a bool, got 1"),
+    ("consumers", 4, r"MosaicBlocks.consumers must be one of \(2, 3\), got 4"),
+    ("consumers", True, "MosaicBlocks.consumers must be one of"),
+    ("consumers", 3.0, "MosaicBlocks.consumers must be one of"),
 ])
 def test_mosaic_blocks_validation(field, value, message):
   with pytest.raises(ValueError, match=message):
@@ -283,6 +290,30 @@ def test_default_pingpong_across_tiles(head_dim, kwargs, across):
   assert config.mosaic_blocks.pingpong_across_tiles == across
 
 
+@pytest.mark.parametrize("head_dim,seq_q,seq_k,kwargs,consumers", [
+    (64, 8192, 8192, dict(), 3),
+    (32, 16384, 8192, dict(), 3),  # padded to 64
+    (64, 4096, 4096, dict(), 2),
+    (64, 1000, 16384, dict(), 2),  # short query tiles would waste rows
+    (64, 8192, 8192, dict(is_causal=True), 2),
+    (64, 8192, 8192, dict(local_window_size=(1024, 0)), 2),
+    (64, 8192, 8192, dict(q_segment_ids=jnp.zeros((1, 8192), jnp.int32)), 2),
+    (128, 16384, 16384, dict(), 2),
+])
+def test_default_consumers(head_dim, seq_q, seq_k, kwargs, consumers):
+  """The forward takes 3 consumers over a 3-stage ring at head_dim 64 with
+  no mask from 8192 queries and keys; the backward keeps 2 stages."""
+  q = jax.ShapeDtypeStruct((1, seq_q, 2, head_dim), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, seq_k, 2, head_dim), jnp.float32)
+  r = rules.build_rules(validation.check_qkv(q, kv, kv), **kwargs)
+  config = attention.kernel_config(r.mask, r.score, r.dropout, "mosaic",
+                                   False, head_dim, jnp.bfloat16)
+  tiles = config.mosaic_blocks
+  assert tiles.consumers == consumers
+  assert tiles.stages == 2
+  assert tiles.forward_stages == (3 if consumers == 3 else None)
+
+
 def test_default_mosaic_blocks_validation():
   with pytest.raises(TypeError, match="masked must be a bool, got 1"):
     fa2_jax.default_mosaic_blocks(64, masked=1)
@@ -290,3 +321,7 @@ def test_default_mosaic_blocks_validation():
     fa2_jax.default_mosaic_blocks(128, key_span=1.5)
   with pytest.raises(ValueError, match="key_span must be >= 0, got -1"):
     fa2_jax.default_mosaic_blocks(128, key_span=-1)
+  with pytest.raises(TypeError, match="unmasked_len must be an int or None"):
+    fa2_jax.default_mosaic_blocks(64, unmasked_len=8192.0)
+  with pytest.raises(ValueError, match="unmasked_len must be >= 0, got -1"):
+    fa2_jax.default_mosaic_blocks(64, unmasked_len=-1)

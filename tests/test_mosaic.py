@@ -107,6 +107,117 @@ def test_wide_key_tiles(shape, mask_name, hopper):
                           seed=15, implementation="mosaic")
 
 
+# Three consumer warpgroups in the forward: 192-row query tiles, a ring of
+# turns at the tensor cores (head_dim 64 only).
+THREE_CONSUMERS = fa2_jax.MosaicBlocks(block_q_dkv=128, consumers=3,
+                                       pingpong_across_tiles=True)
+
+
+def _window(left, right=0):
+  return lambda b, t, s: dict(local_window_size=(left, right))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape,mask_name", [
+    ((2, 300, 260, 4, 2, 64, True), None),
+    ((1, 1000, 777, 4, 2, 64, False), None),
+    ((1, 100, 100, 4, 4, 40, False), None),  # head_dim padded to 64
+    ((2, 300, 260, 4, 2, 128, True), None),  # 64-key blocks
+    ((1, 1500, 1500, 2, 1, 128, True), "window-300"),
+    ((1, 1500, 1500, 2, 1, 64, True), "window-300"),
+    ((1, 1000, 1000, 2, 2, 64, False), "window-2sided-wide"),
+    (None, "window-2sided"),
+    (None, "packed-causal"),
+    (None, "lengths-causal"),
+    (None, "bottom_right-T>S"),
+    (None, "soft_cap-causal-window"),
+])
+def test_three_consumers(shape, mask_name, dtype, hopper):
+  """`MosaicBlocks.consumers=3`: query tiles of 192 rows (partial last
+  tiles, bands and segments cutting them differently for each consumer)
+  and the consumers' ring of turns."""
+  mask_fn = None
+  if mask_name == "window-300":
+    mask_fn = _window(300)
+  elif mask_name == "window-2sided-wide":
+    mask_fn = _window(250, 130)
+  elif mask_name is not None:
+    shape, mask_fn = CASES[mask_name]
+    shape = (*shape[:5], 64, *shape[6:])
+  blocks = THREE_CONSUMERS
+  if shape[5] > 64:  # 160 registers hold [64, 64] score tiles there
+    blocks = dataclasses.replace(blocks, block_k=64, block_q_dkv=64)
+  check_against_reference(shape, dtype, False, block_sizes=blocks,
+                          mask_fn=mask_fn, seed=23, implementation="mosaic")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [
+    (1, 8192, 8192, 2, 1, 64, False),  # the default there
+    (2, 1000, 777, 4, 2, 64, False),
+])
+def test_three_consumers_three_stages(shape, dtype, hopper):
+  """Three consumers over a 3-stage forward ring (`forward_stages`), the
+  default at head_dim 64 without a mask from 8192 tokens; the backward
+  keeps its 2 stages."""
+  blocks = None
+  if shape[1] < mosaic_tiles.THREE_CONSUMERS_MIN_LEN:
+    blocks = dataclasses.replace(THREE_CONSUMERS, forward_stages=3)
+  check_against_reference(shape, dtype, False, block_sizes=blocks, seed=25,
+                          implementation="mosaic")
+
+
+@pytest.mark.parametrize("name", ["bottom_right-T>S", "window-2sided",
+                                  "packed-causal"])
+def test_three_consumers_persistent(name, hopper, few_sms):
+  """The ring of turns runs on across a CTA's tiles, empty ones included."""
+  shape, mask_fn = CASES[name]
+  shape = (*shape[:5], 64, *shape[6:])
+  check_against_reference(shape, jnp.bfloat16, False,
+                          block_sizes=THREE_CONSUMERS, mask_fn=mask_fn,
+                          seed=24, implementation="mosaic")
+
+
+def test_three_consumers_bitwise(hopper):
+  """Each row takes the same steps in the same order as with two consumers
+  (same 128-key blocks), so the forward is bitwise that of two; and it
+  repeats."""
+  q, k, v, _, _ = numerics.random_inputs(
+      5, batch=2, seq_q=1000, seq_k=1000, heads=4, kv_heads=2, head_dim=64,
+      dtype=jnp.bfloat16)
+  def run(blocks, **kw):
+    return jax.jit(functools.partial(
+        fa2_jax.flash_attention, implementation="mosaic", block_sizes=blocks,
+        return_residual=True, **kw))(q, k, v)
+  for kw in (dict(is_causal=True), dict(local_window_size=(300, 0))):
+    three = run(THREE_CONSUMERS, **kw)
+    two = run(dataclasses.replace(THREE_CONSUMERS, consumers=2), **kw)
+    for a, b, c in zip(three, run(THREE_CONSUMERS, **kw), two):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("blocks,head_dim,message", [
+    (dict(consumers=3, block_k=256), 64,
+     r"consumers=3 needs block_k <= 128 \(got 256\)"),
+    (dict(consumers=3, overlap=True), 64, r"and overlap=False \(got True\)"),
+    (dict(consumers=3), 128, "consumers=3 needs head_dim <= 64, or <= 128 "
+     "with block_k=64 .*got head_dim 128 with block_k 128"),
+    (dict(consumers=3, block_k=64), 256, "got head_dim 256 with block_k 64"),
+])
+def test_three_consumers_unsupported(blocks, head_dim, message):
+  """Where 160 registers per consumer cannot hold the tiles."""
+  q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
+  rule = MaskRule(seq_len_q=256, seq_len_k=256, is_causal=True)
+  with pytest.raises(NotImplementedError, match=message):
+    tiles = fa2_jax.MosaicBlocks(**blocks)
+    jax.eval_shape(functools.partial(
+        mosaic_forward.forward, mask=rule,
+        score=ScoreRule(scale=head_dim ** -0.5), blocks=tiles), q, q, q)
+
+
 def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
   """The Hopper forward and/or backward at these tiles, traced and lowered
   for CUDA (on any host: Mosaic GPU's layout inference and shared-memory
@@ -133,23 +244,32 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
       lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("head_dim,seq_len,rule_kwargs", [
-    (64, 1000, dict(is_causal=True)),
-    (64, 4096, {}),  # 256-key forward tiles, the rotated fused dQ
-    (64, 8192, dict(is_causal=True)),  # the UP walk of the fused dQ
-    (128, 1000, dict(is_causal=True)),
-    (64, 2000, dict(is_causal=True, window_left=300, window_right=0)),
-    (64, 1000, dict(is_causal=True, has_segments=True)),
-    (128, 1000, dict(window_left=200, window_right=100, has_segments=True)),
-    (256, 1000, dict(is_causal=True)),  # forward only
+@pytest.mark.parametrize("head_dim,seq_len,rule_kwargs,blocks", [
+    (64, 1000, dict(is_causal=True), None),
+    (64, 4096, {}, None),  # 256-key forward tiles, the rotated fused dQ
+    (64, 8192, dict(is_causal=True), None),  # the UP walk of the fused dQ
+    (64, 8192, {}, None),  # 3 consumers, 3 forward stages
+    (128, 1000, dict(is_causal=True), None),
+    (64, 2000, dict(is_causal=True, window_left=300, window_right=0), None),
+    (64, 1000, dict(is_causal=True, has_segments=True), None),
+    (128, 1000, dict(window_left=200, window_right=100, has_segments=True),
+     None),
+    (256, 1000, dict(is_causal=True), None),  # forward only
+    (64, 2000, dict(is_causal=True, window_left=300, window_right=0),
+     THREE_CONSUMERS),
+    (64, 1000, dict(is_causal=True, has_segments=True), THREE_CONSUMERS),
+    (128, 2000, dict(is_causal=True, window_left=300, window_right=0),
+     dataclasses.replace(THREE_CONSUMERS, block_k=64, block_q_dkv=64)),
 ])
-def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs):
-  """The forward and backward at their default tiles trace and lower for
-  CUDA on any host, a CPU too: their shape, layout and shared-memory errors
-  show without a GPU (their numerics need one: the compiled tests)."""
+def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
+  """The forward and backward (at their default tiles, or `blocks`) trace
+  and lower for CUDA on any host, a CPU too: their shape, layout and
+  shared-memory errors show without a GPU (their numerics need one: the
+  compiled tests)."""
   rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len, **rule_kwargs)
-  blocks = fa2_jax.default_mosaic_blocks(
-      head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span)
+  blocks = blocks or fa2_jax.default_mosaic_blocks(
+      head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span,
+      unmasked_len=rule.unmasked_len)
   backward = head_dim <= mosaic_backward.MAX_HEAD_DIM
   text = _mosaic_text(rule, blocks, head_dim, backward=backward)
   # The forward; the dK/dV kernel, and the dQ kernel unless dQ is fused.
@@ -159,7 +279,8 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs):
 
 @pytest.mark.parametrize("head_dim,blocks,backward,message", [
     (128, dict(stages=3), False,
-     r"MosaicBlocks\(block_q=64, block_k=128, stages=3\) needs 232568 bytes "
+     r"MosaicBlocks\(consumers=2, block_q=64, block_k=128, stages=3\) needs "
+     r"232568 bytes "
      r"of shared memory in the forward at head_dim 128, more than the 232448 "
      "a CTA can have"),
     (128, dict(stages=3), True,
@@ -170,6 +291,9 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs):
      "233616 bytes of shared memory in the dK/dV kernel with dQ fused"),
     (64, dict(stages=4), False, "needs 281752 bytes of shared memory in the "
      "forward at head_dim 64"),
+    (128, dict(forward_stages=3), False,
+     r"MosaicBlocks\(consumers=2, block_q=64, block_k=128, forward_stages=3\) "
+     "needs 232568 bytes"),
 ])
 def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
                                         monkeypatch):
@@ -188,6 +312,32 @@ def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
   with pytest.raises(ValueError, match=rf"exceeds available shared memory: "
                                        rf"smem_bytes={need.group(1)} "):
     lower()
+
+
+def test_forward_stages_leave_the_backward():
+  """`forward_stages` deepens the forward's ring only: the backward traces
+  to the same program as with `stages` alone; the forward to that of
+  `stages=3`."""
+  rule = MaskRule(seq_len_q=1000, seq_len_k=1000, is_causal=True)
+  kw = dict(mask=rule, score=ScoreRule(scale=0.125))
+  q = jax.ShapeDtypeStruct((1, 1000, 4, 64), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((1, 4, 1000), jnp.float32)
+
+  def program(blocks, forward):
+    if forward:
+      return str(jax.make_jaxpr(lambda q, k, v: mosaic_forward.forward(
+          q, k, v, None, blocks=blocks, **kw))(q, q, q))
+    return str(jax.make_jaxpr(
+        lambda q, k, v, do, lse, delta: mosaic_backward.backward(
+            q, k, v, do, lse, delta, None, blocks=blocks, **kw))(
+                q, q, q, q, stats, stats))
+
+  base = fa2_jax.default_mosaic_blocks(64)
+  deeper = dataclasses.replace(base, forward_stages=3)
+  assert program(deeper, False) == program(base, False)
+  assert program(deeper, True) != program(base, True)
+  assert program(deeper, True) == program(
+      dataclasses.replace(base, stages=3), True)
 
 
 def test_default_fused_dq_only_where_it_fits():
