@@ -49,7 +49,8 @@ class MosaicBlocks:
   block_k_dq: keys per pipeline step in the dQ kernel.
   block_q_dkv, block_k_dkv: the dK/dV kernel streams [block_q_dkv, H] tiles
     of Q and dO past CONSUMERS * block_k_dkv resident keys.
-  stages: depth of the shared-memory ring of every kernel. A kernel whose
+  stages: depth of the shared-memory ring of every kernel (the forward's:
+    `forward_stages` where set). A kernel whose
     buffers then pass the 227 KiB of a CTA's shared memory raises
     NotImplementedError naming the fields that size it (at head_dim 128 the
     forward and dQ kernels fit 2 stages, not 3).
