@@ -149,10 +149,10 @@ def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
     split = "cols"
   elif blocks.block_q_dkv >= 2 * 64:
     split = "rows"
-  if split and blocks.fused_dq is None and mt.smem_bytes(
-      _dkdv_scratch(mask, blocks, head_dim, dtype, split, 1),
-      reductions=False) > mt.smem_limit():
-    return None
+  if split and blocks.fused_dq is None:
+    scratch = _dkdv_scratch(mask, blocks, head_dim, dtype, split, 1)
+    if mt.smem_bytes(scratch) > mt.smem_limit():
+      return None
   return split
 
 

@@ -392,8 +392,9 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   tp = mt.round_up(seq_len_q, rows_per_cta)
   sp = mt.round_up(seq_len_k, blocks.block_k)
   segments = mt.pad_segments(segments, tp, sp)
-  inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
-            mt.pad_tokens(v, sp, hp), *segments,
+  kv_rows = mt.kv_rows(seq_len_k, blocks.block_k)
+  inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, kv_rows, hp),
+            mt.pad_tokens(v, kv_rows, hp), *segments,
             *mt.segment_ranges(segments, rows_per_cta, blocks.block_k,
                                query_major=True))
   tiles = mt.Tiles.make(
@@ -408,8 +409,7 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
   q_slots = 2 if tiles.persistent else 1
   scratch = _scratch(mask, blocks, hp, q.dtype, q_slots)
   mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=asked,
-                fields=("consumers", "block_q", "block_k", stages_field),
-                reductions=True)
+                fields=("consumers", "block_q", "block_k", stages_field))
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,
       group=num_heads // num_kv_heads, tiles=tiles)

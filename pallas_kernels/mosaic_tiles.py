@@ -9,8 +9,10 @@ when every consumer has arrived on its "free" barrier.
 
 The wrappers pad the sequences to whole tiles and head_dim to 64, 128 or 256
 (zeros: they add nothing to q.k, and the padded output columns are sliced
-off). Padded keys are hidden by the mask rule (`MaskRule.seq_len_k` is the
-true S); padded query rows are computed and dropped.
+off); the forward pads K and V only to `TMA_ROWS` rows (`kv_rows`): TMA
+fills the rest of a last key block with zeros. Keys past S are hidden by the
+mask rule (`MaskRule.seq_len_k` is the true S); padded query rows are
+computed and dropped.
 """
 import dataclasses
 import functools
@@ -53,7 +55,8 @@ class MosaicBlocks:
     `forward_stages` where set). A kernel whose
     buffers then pass the 227 KiB of a CTA's shared memory raises
     NotImplementedError naming the fields that size it (at head_dim 128 the
-    forward and dQ kernels fit 2 stages, not 3).
+    dQ kernel fits 2 stages, not 3; the forward 3 with 128-key blocks, 2
+    with 192; segment ids need 2 with 128).
   fused_dq: the dK/dV kernel also computes dQ (5 matmuls per tile instead
     of 7 with the separate dQ kernel), adding its partial dQ tiles into a
     float32 buffer in key-tile order (deterministic). True: wherever it can
@@ -163,6 +166,16 @@ PINGPONG_ACROSS_KEY_SPAN = 2048
 THREE_CONSUMERS_MIN_LEN = 8192
 
 
+# At head_dim 128 without any mask, from this many queries and keys the
+# forward takes 192-key blocks (S is [64, 192] float32, 96 registers; FA3
+# takes 176): on an H100 647-654 against 615-620 TFLOP/s at 16k, 657-663
+# against 614-618 at 32k, 624-648 against 595-617 at 8k; mixed at 4k (607-643
+# against 612-633), and slower under a causal mask (604 against 615 at 16k)
+# or a window, and wherever a Q prefetch slot is lost on short tiles
+# (benchmarks/NOTES.md item 46).
+WIDE_KEYS_MIN_LEN = 8192
+
+
 def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
                           key_span: int | None = None,
                           unmasked_len: int | None = None) -> MosaicBlocks:
@@ -179,7 +192,8 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   (`key_span`: the most keys a query row can see, `MaskRule.key_span`;
   None when unbounded). `unmasked_len`: min(T, S) where no mask cuts any
   block (no causal mask, window or segment ids), else None; from
-  `THREE_CONSUMERS_MIN_LEN` at head_dim 64 the forward takes 3 consumers."""
+  `THREE_CONSUMERS_MIN_LEN` at head_dim 64 the forward takes 3 consumers,
+  from `WIDE_KEYS_MIN_LEN` at 128 192-key blocks."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
   check_token_count(key_span)
@@ -193,6 +207,8 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
                           forward_stages=3, pingpong_across_tiles=True)
     return MosaicBlocks(block_q_dkv=128, block_k=128 if masked else 256,
                         pingpong_across_tiles=True)
+  if unmasked_len is not None and unmasked_len >= WIDE_KEYS_MIN_LEN:
+    return MosaicBlocks(block_k=192)
   return MosaicBlocks(pingpong_across_tiles=key_span is not None
                       and key_span <= PINGPONG_ACROSS_KEY_SPAN)
 
@@ -237,13 +253,12 @@ def smem_limit() -> int:
   return getattr(device, "shared_memory_per_block_optin", DEFAULT_SMEM)
 
 
-def smem_bytes(scratch, *, reductions: bool) -> int:
+def smem_bytes(scratch) -> int:
   """The shared memory of a kernel with this scratch tree (plgpu.SMEM
-  buffers and plgpu.Barrier arrays), plus, if it reduces rows
-  (`reductions`: the forward's max and sum), the scratch Pallas reserves
-  for them (`CompilerParams.reduction_scratch_bytes`). Matches what Mosaic
-  GPU counts when it lowers each Hopper kernel."""
-  size = compiler_params().reduction_scratch_bytes if reductions else 0
+  buffers and plgpu.Barrier arrays). Matches what Mosaic GPU counts when it
+  lowers each Hopper kernel (none reserves reduction scratch:
+  `compiler_params`)."""
+  size = 0
   for leaf in jax.tree.leaves(scratch):
     if isinstance(leaf, plgpu.Barrier):
       size += BARRIER_BYTES * math.prod(leaf.num_barriers)
@@ -254,11 +269,11 @@ def smem_bytes(scratch, *, reductions: bool) -> int:
 
 
 def check_smem(scratch, *, kernel: str, head_dim: int, blocks: "MosaicBlocks",
-               fields, reductions: bool = False):
+               fields):
   """NotImplementedError naming the MosaicBlocks `fields` that size the
   kernel's shared memory where its scratch does not fit in a CTA's (rather
   than Mosaic GPU's error when it compiles)."""
-  need, limit = smem_bytes(scratch, reductions=reductions), smem_limit()
+  need, limit = smem_bytes(scratch), smem_limit()
   if need > limit:
     named = ", ".join(f"{f}={getattr(blocks, f)}" for f in fields)
     raise NotImplementedError(
@@ -428,6 +443,19 @@ def pad_axis(x, axis: int, size: int, value=0):
   return jnp.pad(x, widths, constant_values=value)
 
 
+# Mosaic GPU's TMA views a token axis in tiles of 8 rows: its length must be
+# a multiple of 8 (or smaller than 8).
+TMA_ROWS = 8
+
+
+def kv_rows(seq_len_k: int, block_k: int) -> int:
+  """Rows K and V are padded to for a kernel that reads them in blocks of
+  block_k by TMA, which zero-fills rows past the array: a multiple of
+  `TMA_ROWS`, and at least one block (no copy of K and V where S is long
+  and a multiple of 8)."""
+  return max(round_up(seq_len_k, TMA_ROWS), block_k)
+
+
 def pad_tokens(x, seq_len: int, head_dim: int):
   """[B, L, heads, H] padded to [B, seq_len, heads, head_dim]."""
   return pad_axis(pad_axis(x, 1, seq_len), 3, head_dim)
@@ -501,7 +529,12 @@ def tile_smem(shape, dtype):
 
 
 def compiler_params():
-  return plgpu.CompilerParams(approx_math=True)
+  """Every Hopper kernel's: fast approximate exp2, and no shared memory held
+  back for cross-warp reductions (Pallas reserves 2 KiB by default): the
+  forward's row max and sum reduce within a warp's lanes (a cross-warp one
+  would fail to lower, not run wrong), and those 2 KiB let the head_dim 128
+  forward take 192-key blocks or 3 stages (benchmarks/NOTES.md item 46)."""
+  return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
 
 
 def wgmma_zeros(shape):

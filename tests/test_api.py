@@ -290,6 +290,15 @@ def test_default_pingpong_across_tiles(head_dim, kwargs, across):
   assert config.mosaic_blocks.pingpong_across_tiles == across
 
 
+def _default_mosaic_tiles(head_dim, seq_q, seq_k, kwargs):
+  """The MosaicBlocks fa2_jax picks for these shapes and mask arguments."""
+  q = jax.ShapeDtypeStruct((1, seq_q, 2, head_dim), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, seq_k, 2, head_dim), jnp.float32)
+  r = rules.build_rules(validation.check_qkv(q, kv, kv), **kwargs)
+  return attention.kernel_config(r.mask, r.score, r.dropout, "mosaic",
+                                 False, head_dim, jnp.bfloat16).mosaic_blocks
+
+
 @pytest.mark.parametrize("head_dim,seq_q,seq_k,kwargs,consumers", [
     (64, 8192, 8192, dict(), 3),
     (32, 16384, 8192, dict(), 3),  # padded to 64
@@ -303,15 +312,29 @@ def test_default_pingpong_across_tiles(head_dim, kwargs, across):
 def test_default_consumers(head_dim, seq_q, seq_k, kwargs, consumers):
   """The forward takes 3 consumers over a 3-stage ring at head_dim 64 with
   no mask from 8192 queries and keys; the backward keeps 2 stages."""
-  q = jax.ShapeDtypeStruct((1, seq_q, 2, head_dim), jnp.float32)
-  kv = jax.ShapeDtypeStruct((1, seq_k, 2, head_dim), jnp.float32)
-  r = rules.build_rules(validation.check_qkv(q, kv, kv), **kwargs)
-  config = attention.kernel_config(r.mask, r.score, r.dropout, "mosaic",
-                                   False, head_dim, jnp.bfloat16)
-  tiles = config.mosaic_blocks
+  tiles = _default_mosaic_tiles(head_dim, seq_q, seq_k, kwargs)
   assert tiles.consumers == consumers
   assert tiles.stages == 2
   assert tiles.forward_stages == (3 if consumers == 3 else None)
+
+
+@pytest.mark.parametrize("head_dim,seq_q,seq_k,kwargs,block_k", [
+    (128, 8192, 8192, dict(), 192),
+    (96, 16384, 16384, dict(), 192),  # padded to 128
+    (128, 4096, 4096, dict(), 128),
+    (128, 1000, 16384, dict(), 128),
+    (128, 16384, 16384, dict(is_causal=True), 128),
+    (128, 16384, 16384, dict(local_window_size=(1024, 0)), 128),
+    (128, 8192, 8192, dict(q_segment_ids=jnp.zeros((1, 8192), jnp.int32)),
+     128),
+    (64, 8192, 8192, dict(), 128),
+])
+def test_default_wide_keys(head_dim, seq_q, seq_k, kwargs, block_k):
+  """The forward takes 192-key blocks at head_dim 128 with no mask from
+  8192 queries and keys (the backward's tiles are unchanged)."""
+  tiles = _default_mosaic_tiles(head_dim, seq_q, seq_k, kwargs)
+  assert tiles.block_k == block_k
+  assert (tiles.block_k_dq, tiles.block_k_dkv) == (128, 64)  # the backward's
 
 
 def test_default_mosaic_blocks_validation():

@@ -107,6 +107,45 @@ def test_wide_key_tiles(shape, mask_name, hopper):
                           seed=15, implementation="mosaic")
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+def test_default_wide_keys(dtype, hopper):
+  """The default at head_dim 128 without a mask from 8192 tokens: 192-key
+  forward blocks, the last one read past S (8200 keys: 43 blocks, the last
+  56 rows zero-filled by TMA)."""
+  assert fa2_jax.default_mosaic_blocks(
+      128, masked=False, unmasked_len=8200).block_k == 192
+  check_against_reference((1, 8200, 8200, 2, 1, 128, False), dtype, False,
+                          seed=27, implementation="mosaic")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("blocks", [dict(block_k=192), dict(forward_stages=3)],
+                         ids=["keys192", "stages3"])
+@pytest.mark.parametrize("shape,mask_name", [
+    ((1, 1000, 777, 4, 2, 128, False), None),
+    ((2, 300, 260, 4, 2, 128, True), None),
+    ((1, 1500, 1500, 2, 1, 128, True), "window-300"),
+    (None, "soft_cap-causal-window"),
+    (None, "bottom_right-T>S"),
+])
+def test_head_dim_128_forward_rings(shape, mask_name, blocks, dtype, hopper):
+  """The head_dim 128 forward with 192-key blocks or a 3-stage ring (what
+  fits once no shared memory is held for reductions; not with segment ids):
+  partial last blocks read past S, the diagonal and masks cutting a 192-key
+  block whole."""
+  mask_fn = None
+  if mask_name == "window-300":
+    mask_fn = _window(300)
+  elif mask_name is not None:
+    shape, mask_fn = CASES[mask_name]
+    shape = (*shape[:5], 128, *shape[6:])
+  check_against_reference(shape, dtype, False,
+                          block_sizes=fa2_jax.MosaicBlocks(**blocks),
+                          mask_fn=mask_fn, seed=26, implementation="mosaic")
+
+
 # Three consumer warpgroups in the forward: 192-row query tiles, a ring of
 # turns at the tensor cores (head_dim 64 only).
 THREE_CONSUMERS = fa2_jax.MosaicBlocks(block_q_dkv=128, consumers=3,
@@ -249,6 +288,7 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
     (64, 4096, {}, None),  # 256-key forward tiles, the rotated fused dQ
     (64, 8192, dict(is_causal=True), None),  # the UP walk of the fused dQ
     (64, 8192, {}, None),  # 3 consumers, 3 forward stages
+    (128, 8192, {}, None),  # 192-key forward blocks
     (128, 1000, dict(is_causal=True), None),
     (64, 2000, dict(is_causal=True, window_left=300, window_right=0), None),
     (64, 1000, dict(is_causal=True, has_segments=True), None),
@@ -278,9 +318,9 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
 
 
 @pytest.mark.parametrize("head_dim,blocks,backward,message", [
-    (128, dict(stages=3), False,
-     r"MosaicBlocks\(consumers=2, block_q=64, block_k=128, stages=3\) needs "
-     r"232568 bytes "
+    (128, dict(block_k=192, stages=3), False,
+     r"MosaicBlocks\(consumers=2, block_q=64, block_k=192, stages=3\) needs "
+     r"328824 bytes "
      r"of shared memory in the forward at head_dim 128, more than the 232448 "
      "a CTA can have"),
     (128, dict(stages=3), True,
@@ -289,11 +329,11 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
     (64, dict(stages=3, fused_dq=True), True,
      r"MosaicBlocks\(block_q_dkv=128, block_k_dkv=64, stages=3\) needs "
      "233616 bytes of shared memory in the dK/dV kernel with dQ fused"),
-    (64, dict(stages=4), False, "needs 281752 bytes of shared memory in the "
+    (64, dict(stages=4), False, "needs 279704 bytes of shared memory in the "
      "forward at head_dim 64"),
-    (128, dict(forward_stages=3), False,
-     r"MosaicBlocks\(consumers=2, block_q=64, block_k=128, forward_stages=3\) "
-     "needs 232568 bytes"),
+    (128, dict(forward_stages=4), False,
+     r"MosaicBlocks\(consumers=2, block_q=64, block_k=128, forward_stages=4\) "
+     "needs 296088 bytes"),
 ])
 def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
                                         monkeypatch):
@@ -312,6 +352,22 @@ def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
   with pytest.raises(ValueError, match=rf"exceeds available shared memory: "
                                        rf"smem_bytes={need.group(1)} "):
     lower()
+
+
+@pytest.mark.parametrize("seq_k,block_k,pads", [
+    (1000, 128, 0), (16384, 192, 0), (777, 128, 2), (100, 192, 2)])
+def test_forward_reads_kv_unpadded(seq_k, block_k, pads):
+  """The forward copies K and V into padded arrays only where S is not a
+  multiple of 8 rows or shorter than a block: TMA zero-fills the rest of
+  the last key block."""
+  q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, seq_k, 2, 128), jnp.bfloat16)
+  rule = MaskRule(seq_len_q=1024, seq_len_k=seq_k)
+  jaxpr = jax.make_jaxpr(functools.partial(
+      mosaic_forward.forward, mask=rule, score=ScoreRule(scale=0.125),
+      blocks=fa2_jax.MosaicBlocks(block_k=block_k)))(q, kv, kv)
+  names = [str(e.params.get("name")) for e in jaxpr.eqns]
+  assert sum("pad" in name for name in names) == pads, names
 
 
 def test_forward_stages_leave_the_backward():
