@@ -109,7 +109,7 @@ def test_wide_key_tiles(shape, mask_name, hopper):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
                          ids=["bfloat16", "float16"])
-def test_default_wide_keys(dtype, hopper):
+def test_default_wide_keys_match_reference(dtype, hopper):
   """The default at head_dim 128 without a mask from 8192 tokens: 192-key
   forward blocks, the last one read past S (8200 keys: 43 blocks, the last
   56 rows zero-filled by TMA)."""
