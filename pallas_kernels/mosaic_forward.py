@@ -329,8 +329,7 @@ def _kernel(*args, mask: MaskRule, score: ScoreRule, blocks: mt.MosaicBlocks,
   mt.query_major_kernel(
       args, names + ["out", "lse"],
       functools.partial(_consumer, mask=mask, score=score, blocks=blocks),
-      mask=mask, blocks=blocks, group=group, tiles=tiles,
-      consumers=blocks.consumers)
+      mask=mask, blocks=blocks, group=group, tiles=tiles)
 
 
 def _max_mean_varied(head_dim: int):

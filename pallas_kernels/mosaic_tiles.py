@@ -851,8 +851,7 @@ def tile_costs(block_range, num_tiles: int) -> list:
 
 
 def query_major_kernel(args, names, consumer, *, mask: MaskRule,
-                       blocks: MosaicBlocks, group: int, tiles: Tiles,
-                       consumers: int = CONSUMERS):
+                       blocks: MosaicBlocks, group: int, tiles: Tiles):
   """The body of a kernel parallel over query tiles (forward, dQ), grid
   (tiles.num_ctas,) named "cta": the consumers run
   consumer(wg, refs, scratch, tiles=tiles), each looping over the CTA's
@@ -864,8 +863,9 @@ def query_major_kernel(args, names, consumer, *, mask: MaskRule,
       lambda wg: consumer(wg, refs, scratch, tiles=tiles),
       lambda: kv_producer(refs, scratch, mask=mask, block_q=blocks.block_q,
                           block_k=blocks.block_k, stages=blocks.stages,
-                          group=group, tiles=tiles, consumers=consumers),
-      consumers)
+                          group=group, tiles=tiles,
+                          consumers=blocks.consumers),
+      blocks.consumers)
 
 
 def key_ring_step(first, bounds, kv_block):
