@@ -10,7 +10,8 @@ Shapes as in the FlashAttention-2 paper: `--tokens` (batch x seqlen, 16k) at
 `--hidden` (heads x head_dim, 2048), bf16, q/k/v [B, T, N, H]; `--batch` or
 `--heads` fix those instead. FLOPs as in the paper (fwd 4 B N T^2 H, halved
 when causal; bwd 2.5x, fwd+bwd 3.5x). Each case: two warm-up calls, then the
-median over trials of back-to-back calls cycling through 3 input sets. Cases
+median over 5 runs of back-to-back calls cycling through 3 input sets, each
+run at least 10 calls and 25 ms (`timing.MIN_RUN_S`). Cases
 that fail or run out of memory are recorded with their error. Writes
 results.json (every row, with the device and versions), speed_<pass>.png
 (speed_fwd.png, speed_bwd.png, speed_fwd_bwd.png),
@@ -34,7 +35,7 @@ SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
 HEAD_DIMS = (64, 128, 256)
 MEMORY_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK = dict(seq_lens=(128, 256), head_dims=(64,), tokens=512, hidden=128,
-             memory_seq_lens=(128, 256), calls=2, trials=1)
+             memory_seq_lens=(128, 256), calls=2, trials=1, min_run_s=0.0)
 
 
 def environment():
@@ -59,7 +60,8 @@ VARIANTS = {
 
 def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
              block_sizes=None, tokens=TOKENS, hidden=HIDDEN, batch=None,
-             heads=None, variant=None, interpret=False, calls=10, trials=5):
+             heads=None, variant=None, interpret=False, calls=10, trials=5,
+             min_run_s=timing.MIN_RUN_S):
   """Times one case; returns its row (with "error" if it failed).
 
   `variant` names an entry of VARIANTS; its TFLOP/s use the dense (or
@@ -83,7 +85,8 @@ def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
                                       block_sizes=block_sizes, **mask_kwargs)
     seconds = timing.time_case(fn, pass_, batch=batch, seq_len=seq_len,
                                heads=heads, head_dim=head_dim, dtype=dtype,
-                               calls=calls, trials=trials)
+                               calls=calls, trials=trials,
+                               min_run_s=min_run_s)
     row["ms"] = seconds * 1e3
     row["tflops"] = timing.flops(batch, seq_len, heads, head_dim,
                                  is_causal=is_causal, pass_=pass_) / seconds / 1e12
@@ -247,13 +250,15 @@ def main(argv=None):
     return rows
   on_gpu = jax.default_backend() == "gpu"
   interpret = not on_gpu
-  calls, trials = (QUICK["calls"], QUICK["trials"]) if args.quick else (10, 5)
+  calls, trials, min_run_s = ((QUICK["calls"], QUICK["trials"],
+                               QUICK["min_run_s"]) if args.quick
+                              else (10, 5, timing.MIN_RUN_S))
   impls = (args.impls.split(",") if args.impls
            else implementations.available(on_gpu))
   dtype = jnp.dtype(args.dtype)
   case_kwargs = dict(dtype=dtype, tokens=args.tokens, hidden=args.hidden,
                      batch=args.batch, heads=args.heads, interpret=interpret,
-                     calls=calls, trials=trials)
+                     calls=calls, trials=trials, min_run_s=min_run_s)
   passes = args.passes.split(",")
   os.makedirs(args.output_dir, exist_ok=True)
   env = environment()

@@ -1,7 +1,9 @@
 """The benchmark CLI's --quick path writes valid JSON and PNGs; --compare
 reads them back. (Speed itself is measured on a GPU, not asserted here.)"""
 import json
+import time
 
+import jax.numpy as jnp
 import pytest
 
 from fa2_jax import backends, benchmark
@@ -51,3 +53,23 @@ def test_failures_are_recorded_not_raised():
   row = benchmark.run_case("no-such-impl", seq_len=64, head_dim=32,
                            is_causal=False, pass_="fwd")
   assert row["error"].startswith("ValueError: unknown implementation")
+
+
+def test_short_calls_are_timed_over_a_longer_run():
+  """A run lasts min_run_s however short a call is: the calls are the
+  device's, not the host's start-up latency of a few of them."""
+  counts = []
+
+  def step(x):
+    counts.append(1)
+    time.sleep(0.001)
+    return x
+
+  sets = [(jnp.zeros(()),)]
+  seconds = timing.time_calls(step, sets, calls=2, trials=1, min_run_s=0.0)
+  assert len(counts) == 1 + 2 and seconds >= 0.001  # one warm-up set
+  counts.clear()
+  seconds = timing.time_calls(step, sets, calls=2, trials=3, min_run_s=0.02)
+  # 1 warm-up, 2 to estimate, then 3 runs of >= 0.02 s / ~1.1 ms calls.
+  runs = (len(counts) - 3) / 3
+  assert 10 <= runs <= 21 and 0.001 <= seconds < 0.002, (runs, seconds)

@@ -5,6 +5,7 @@ causal), backward 2.5x the forward, forward+backward 3.5x. Inputs are rotated
 among `ROTATIONS` sets so that consecutive calls do not find the previous
 call's data in L2.
 """
+import math
 import statistics
 import time
 
@@ -53,23 +54,36 @@ def step_and_args(fn, pass_, q, k, v, dout):
   raise ValueError(f"pass must be one of {PASSES}, got {pass_!r}")
 
 
-def time_calls(step, arg_sets, *, calls=10, trials=5):
-  """Median seconds per call over `trials` runs of `calls` back-to-back
-  calls, cycling through `arg_sets`; two warm-up calls first."""
+# A timed run of back-to-back calls lasts at least this long (0: exactly
+# `calls` calls). Each run starts from an idle GPU; over 10 calls a 0.4 ms
+# kernel read 2-6% slower than over 25 ms in the same process on an H100,
+# cuDNN's as much (benchmarks/NOTES.md item 48).
+MIN_RUN_S = 0.025
+
+
+def time_calls(step, arg_sets, *, calls=10, trials=5, min_run_s=MIN_RUN_S):
+  """Median seconds per call over `trials` runs of back-to-back calls,
+  cycling through `arg_sets`; two warm-up calls first. A run makes `calls`
+  calls, or as many more as it takes to last `min_run_s` (estimated from
+  one untimed run of `calls`), so that short kernels are timed on the
+  device, not by the host's latency to start them."""
   for args in arg_sets[:2]:
     jax.block_until_ready(step(*args))
-  per_call = []
-  for _ in range(trials):
+
+  def run(n):
     start = time.perf_counter()
-    for i in range(calls):
+    for i in range(n):
       result = step(*arg_sets[i % len(arg_sets)])
     jax.block_until_ready(result)
-    per_call.append((time.perf_counter() - start) / calls)
-  return statistics.median(per_call)
+    return time.perf_counter() - start
+
+  if min_run_s > 0:
+    calls = max(calls, math.ceil(calls * min_run_s / run(calls)))
+  return statistics.median(run(calls) / calls for _ in range(trials))
 
 
 def time_case(fn, pass_, *, batch, seq_len, heads, head_dim, dtype,
-              kv_heads=None, calls=10, trials=5):
+              kv_heads=None, calls=10, trials=5, min_run_s=MIN_RUN_S):
   """Seconds per call of `pass_` of fn, with rotated inputs."""
   arg_sets, step = [], None
   for seed in range(ROTATIONS):
@@ -77,7 +91,8 @@ def time_case(fn, pass_, *, batch, seq_len, heads, head_dim, dtype,
                            kv_heads=kv_heads, seed=seed)
     step, args = step_and_args(fn, pass_, q, k, v, dout)
     arg_sets.append(args)
-  return time_calls(step, arg_sets, calls=calls, trials=trials)
+  return time_calls(step, arg_sets, calls=calls, trials=trials,
+                    min_run_s=min_run_s)
 
 
 def describe(error: Exception) -> str:
