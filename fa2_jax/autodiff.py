@@ -32,10 +32,7 @@ from pallas_kernels.scores import ScoreRule
 class KernelConfig:
   """Everything static about one attention call; hashable.
 
-  backend: "triton" or "mosaic" (the Hopper kernels, with `mosaic_blocks`;
-  their backward at head_dim > 128 runs the Triton kernels with
-  `block_sizes`: a warpgroup's registers cannot hold both [64, 256] float32
-  accumulators of dK and dV).
+  backend: "triton" or "mosaic" (the Hopper kernels, with `mosaic_blocks`).
   """
   mask: MaskRule
   score: ScoreRule
@@ -97,8 +94,7 @@ def _forward_launch(a, config: KernelConfig):
 
 
 def _backward_launch(a, config: KernelConfig):
-  if (config.backend == "mosaic"
-      and a["q"].shape[-1] <= mosaic_backward.MAX_HEAD_DIM):
+  if config.backend == "mosaic":
     return mosaic_backward.backward(
         a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
         **_mosaic_rules(a, config))

@@ -30,12 +30,18 @@ a fixed order.
   default uses it at head_dim 64 where it was measured faster
   (`_fusing_pays`).
 
+At head_dim 256 a consumer cannot hold both [64, 256] float32 tiles of dK
+and dV: the dK/dV kernel runs twice, for dV and then for dK (`_launch_parts`),
+and both kernels stream 32-row blocks (`mt.NARROW_FIELDS`) so that their
+rings fit in shared memory.
+
 With segment ids, each kernel visits only the blocks that can hold a
 matching pair, and skips the element-wise mask on those whose queries and
 keys all share one id (`mt.narrowed`; the fused dQ excepted). The LSE comes in as
 base 2 (`scores.lse_log2`: +inf for rows that see no key and for padded
 rows, so their P is 0).
 """
+import copy
 import dataclasses
 import functools
 import math
@@ -67,13 +73,23 @@ def _probabilities(s_raw, lse2, *, mask, score, masked, shape, query_axis,
   return jnp.exp2(x - mt.broadcast(lse2, shape, query_axis)), t
 
 
-# The widest head_dim the Hopper backward runs: a consumer's registers
-# cannot hold dK and dV as [64, 256] float32 tiles (above it, `fa2_jax`'s
-# autodiff runs the Triton backward).
-MAX_HEAD_DIM = 128
-
-
 # ---------------------------------------------------------------- dK / dV
+
+# What one launch of the dK/dV kernel computes (`_parts`): both, or, where a
+# consumer's registers cannot hold both [block_k_dkv, H] float32 tiles
+# (head_dim 256: 2 x 128 registers), dV in one launch and dK in a second that
+# recomputes S (8 matmuls instead of 7 with the dQ kernel's).
+DKDV, DV, DK = "dkdv", "dv", "dk"
+
+
+def _parts(part: str) -> tuple:
+  """The outputs of a dK/dV launch of `part`."""
+  return {DKDV: ("dk", "dv"), DV: ("dv",), DK: ("dk",)}[part]
+
+
+def _launch_parts(head_dim: int) -> tuple:
+  """The dK/dV kernel's launches: one at head_dim <= 128, else DV then DK."""
+  return (DKDV,) if head_dim <= 128 else (DV, DK)
 
 # Ring depth of the fused kernel's float32 dQ tiles (consumers -> producer):
 # the TMA add of one runs while the consumers compute the next.
@@ -251,9 +267,10 @@ class _Walk:
 
 
 def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
-                   tiles: mt.Tiles, split, order: str):
+                   tiles: mt.Tiles, split, order: str, part: str):
   """One consumer warpgroup: keys [k_tile * 2 bk + wg * bk, + bk) of each of
-  the CTA's key tiles, with dK and dV in registers."""
+  the CTA's key tiles, with dK and dV (`part` DKDV), or one of them (DV,
+  DK: `_parts`), in registers."""
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   bars = scratch["bars"]
   dtype = refs["k"].dtype
@@ -275,7 +292,6 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
     num_q = bounds[3] - bounds[0]
     walk = _Walk(num_q, bounds[0], bounds[3], k_tile, order)
     key0 = mt.own_rows(k_tile, wg, bk)[0]
-    # dK and dV are staged in the K and V slot.
     kv_slot, next_kv = mt.operand_slot(
         t, num_tiles, kv_slots, load_kv,
         lambda slot: mt.own_slot(bars["kv"], slot, wg))
@@ -286,7 +302,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
 
     def head_loop(g, carry):
       def step(q_block, carry, *, masked):
-        dk, dv = carry
+        dk, dv = carry  # None where `part` leaves it out
         i = walk.step(g, q_block)
         slot = mt.slot_of(first + i, stages)
         q_smem, do_smem = scratch["q"].at[slot], scratch["do"].at[slot]
@@ -306,13 +322,19 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
                                   one_sided=one_sided)
         plgpu.barrier_wait(bars["do_ready"].at[slot])
 
-        def dv_dp(refs_):
+        def dv_dp(refs_):  # dV += P^T dO, dP^T = V dO^T: what `part` needs
           dv_ref, dp_ref = refs_
-          plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
-          plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+          if dv_ref is not None:
+            plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
+          if dp_ref is not None:
+            plgpu.wgmma(dp_ref, v_smem, do_smem.T)
 
-        dv, dp = pl.run_state(dv_dp)((plgpu.ACC.init(dv), plgpu.ACC.init(
-            mt.wgmma_zeros((bk, bq)))))
+        dv, dp = pl.run_state(dv_dp)((
+            None if dv is None else plgpu.ACC.init(dv),
+            None if dk is None else plgpu.ACC.init(mt.wgmma_zeros((bk, bq)))))
+        if dk is None:  # DV: neither dS nor dK
+          plgpu.barrier_arrive(bars["free"].at[slot])
+          return dk, dv
         delta = mt.load_vector(scratch["delta"].at[slot], axis=1)
         ds = score.through_cap(p * (dp - mt.broadcast(delta, (bk, bq), 1)),
                                t_cap).astype(dtype)
@@ -341,18 +363,24 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
                            reverse=order == DOWN)
 
     zeros = mt.wgmma_zeros((bk, hp))
-    dk, dv = lax.fori_loop(0, group, head_loop, (zeros, zeros))
+    dk, dv = lax.fori_loop(0, group, head_loop, tuple(
+        zeros if name in _parts(part) else None for name in ("dk", "dv")))
     if next_kv:
       pl.when(num_q == 0)(next_kv)  # a tile with no step
     if split:  # the other consumer's last dQ matmul may still read our K
       plgpu.barrier_arrive(bars["k_read"])
       plgpu.barrier_wait(bars["k_read"])
-    k_smem[...] = (dk * score.scale).astype(dtype)
-    v_smem[...] = dv.astype(dtype)
+    staged = []  # dK and dV are staged in the K and V slot
+    if dk is not None:
+      k_smem[...] = (dk * score.scale).astype(dtype)
+      staged.append(("dk", k_smem))
+    if dv is not None:
+      v_smem[...] = dv.astype(dtype)
+      staged.append(("dv", v_smem))
     plgpu.commit_smem()
     keys = mt.own_rows(k_tile, wg, bk)[1]
-    plgpu.copy_smem_to_gmem(k_smem, refs["dk"].at[batch, keys, kv_head])
-    plgpu.copy_smem_to_gmem(v_smem, refs["dv"].at[batch, keys, kv_head])
+    for name, ref in staged:
+      plgpu.copy_smem_to_gmem(ref, refs[name].at[batch, keys, kv_head])
     return first + group * num_q
 
   if kv_slots > 1:
@@ -495,13 +523,13 @@ def _fused_dq_producer(refs, scratch, sems, load, head_and_rows, num_steps,
 
 
 def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
-                 order: str, num_sems: int, tiles: mt.Tiles):
+                 order: str, num_sems: int, tiles: mt.Tiles, part: str):
   names = ["q", "k", "v", "do", "lse", "delta"]
   names += ["q_seg", "kv_seg"] if mask.has_segments else []
   # The fused dQ visits every block of the position range (_query_blocks).
   names += ["seg_range"] if mask.has_segments and not split else []
   names += tiles.input_names()
-  outs = ["dk", "dv"] + (["dq"] if split else [])
+  outs = list(_parts(part)) + (["dq"] if split else [])
   refs, scratch = mt.named_refs(args, names + outs)
   tiles = tiles.bind(refs)
   sems = (pl.get_global(plgpu.SemaphoreType.REGULAR((num_sems,)))
@@ -509,7 +537,8 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
   common = dict(mask=mask, blocks=blocks, group=group, split=split,
                 tiles=tiles, order=order)
   mt.warp_specialize(
-      lambda wg: _dkdv_consumer(wg, refs, scratch, score=score, **common),
+      lambda wg: _dkdv_consumer(wg, refs, scratch, score=score, part=part,
+                                **common),
       lambda: _dkdv_producer(refs, scratch, sems, **common))
 
 
@@ -541,11 +570,12 @@ def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
 def _dkdv_scratch(mask, blocks, hp: int, dtype, split, kv_slots: int):
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   segs = 1 if mask.has_segments else 0
+  swizzle = mt.swizzle_for(bq)  # dV and dK contract over bq queries
   scratch = dict(
-      k=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype),
-      v=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype),
-      q=mt.tile_smem((stages, bq, hp), dtype),
-      do=mt.tile_smem((stages, bq, hp), dtype),
+      k=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype, swizzle),
+      v=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype, swizzle),
+      q=mt.tile_smem((stages, bq, hp), dtype, swizzle),
+      do=mt.tile_smem((stages, bq, hp), dtype, swizzle),
       lse=plgpu.SMEM((stages, bq), jnp.float32),
       delta=plgpu.SMEM((stages, bq), jnp.float32),
       bars=dict(
@@ -691,9 +721,10 @@ def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int):
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
                                        hp, dtype)
   rows = (q_slots, mt.CONSUMERS, bq)
+  swizzle = mt.swizzle_for(blocks.block_k)  # dQ contracts over the keys
   scratch = dict(
-      q=mt.tile_smem((*rows, hp), dtype),
-      do=mt.tile_smem((*rows, hp), dtype),
+      q=mt.tile_smem((*rows, hp), dtype, swizzle),
+      do=mt.tile_smem((*rows, hp), dtype, swizzle),
       lse=plgpu.SMEM(rows, jnp.float32),
       delta=plgpu.SMEM(rows, jnp.float32), **ring,
       bars=dict(q=plgpu.Barrier(num_arrivals=4 + segs,
@@ -704,6 +735,17 @@ def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int):
   return scratch
 
 
+def _dq_kernel_blocks(blocks: mt.MosaicBlocks) -> mt.MosaicBlocks:
+  """The tiles the query-major machinery (`mt.query_major_kernel`) reads for
+  the dQ kernel: its keys per step as `block_k` and its 2 consumers
+  (`consumers` is the forward's). Not validated again: block_k_dq may be 32,
+  which no forward takes."""
+  dq_blocks = copy.copy(blocks)
+  object.__setattr__(dq_blocks, "block_k", blocks.block_k_dq)
+  object.__setattr__(dq_blocks, "consumers", mt.CONSUMERS)
+  return dq_blocks
+
+
 # ---------------------------------------------------------------- wrapper
 
 def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
@@ -712,7 +754,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
 
   Args:
     q, do: [B, T, N, H]; k, v: [B, S, K, H] (float16 or bfloat16), H <=
-      MAX_HEAD_DIM;
+      256;
     lse, delta: [B, N, T] float32, lse in natural log, delta = rowsum(dO O).
     segments, mask, score, blocks: as in `mosaic_forward.forward`.
   Returns:
@@ -722,15 +764,15 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
   hp = mt.padded_head_dim(head_dim)
-  if hp > MAX_HEAD_DIM:
+  narrow = [f"{f}={getattr(blocks, f)}" for f in mt.NARROW_FIELDS
+            if getattr(blocks, f) % 64]
+  if narrow and hp <= 128:
     raise NotImplementedError(
-        f"the Hopper backward runs head_dim <= {MAX_HEAD_DIM}, got "
-        f"{head_dim} (fa2_jax runs the Triton backward there)")
+        f"MosaicBlocks({', '.join(narrow)}): 32-row blocks run only at "
+        f"head_dim 256 (padded), got head_dim {head_dim}")
   # One padded length serves both kernels' query and key tiles.
   # The dQ kernel is query-major like the forward, with its own key tiles.
-  # (`consumers` is the forward's: the backward's kernels have two.)
-  dq_blocks = dataclasses.replace(blocks, block_k=blocks.block_k_dq,
-                                  consumers=mt.CONSUMERS)
+  dq_blocks = _dq_kernel_blocks(blocks)
   tp = mt.round_up(seq_len_q, math.lcm(mt.CONSUMERS * blocks.block_q,
                                        blocks.block_q_dkv))
   sp = mt.round_up(seq_len_k, math.lcm(mt.CONSUMERS * blocks.block_k_dkv,
@@ -745,8 +787,8 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
 
   num_k_tiles = sp // (mt.CONSUMERS * blocks.block_k_dkv)
   num_q_blocks = tp // blocks.block_q_dkv
-  dk_dv = [out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
-           for x in (k, v)]
+  dk_dv = {name: out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
+           for name, x in (("dk", k), ("dv", v))}
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
   split = _dq_split(blocks, hp, mask, key_costs, num_kv_heads * batch,
                     rotatable=_rotatable(mask, num_q_blocks, num_k_tiles),
@@ -769,22 +811,26 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   mt.check_smem(dkdv_scratch, kernel="dK/dV kernel" + (
       " with dQ fused" if split else ""), head_dim=hp, blocks=blocks,
                 fields=("block_q_dkv", "block_k_dkv", "stages"))
-  outs = plgpu.kernel(
-      functools.partial(_dkdv_kernel, mask=mask, score=score, blocks=blocks,
-                        group=group, split=split, order=order,
-                        tiles=dkdv_tiles,
-                        num_sems=dq_sum[0].shape[0] * batch * num_heads
-                        * num_q_blocks),
-      out_type=(*dk_dv, *(dq_sum if split else [])),
-      scratch_types=[dkdv_scratch],
-      grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(
-          *inputs, *mt.segment_ranges(
-              () if split else segments, blocks.block_q_dkv,
-              mt.CONSUMERS * blocks.block_k_dkv, query_major=False),
-          *dkdv_tiles.inputs())
-  dk, dv = outs[:2]
+  grads = {}
+  for part in _launch_parts(hp):
+    outs = plgpu.kernel(
+        functools.partial(_dkdv_kernel, mask=mask, score=score,
+                          blocks=blocks, group=group, split=split,
+                          order=order, tiles=dkdv_tiles, part=part,
+                          num_sems=dq_sum[0].shape[0] * batch * num_heads
+                          * num_q_blocks),
+        out_type=(*(dk_dv[name] for name in _parts(part)),
+                  *(dq_sum if split else [])),
+        scratch_types=[dkdv_scratch],
+        grid=(dkdv_tiles.num_ctas,), grid_names=("cta",), **common)(
+            *inputs, *mt.segment_ranges(
+                () if split else segments, blocks.block_q_dkv,
+                mt.CONSUMERS * blocks.block_k_dkv, query_major=False),
+            *dkdv_tiles.inputs())
+    grads.update(zip(_parts(part), outs))
+  dk, dv = grads["dk"], grads["dv"]
   if split:
-    dq = _finish_dq(outs[2], mask, blocks.block_q_dkv,
+    dq = _finish_dq(outs[-1], mask, blocks.block_q_dkv,
                     mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype,
                     num_k_tiles)
   else:

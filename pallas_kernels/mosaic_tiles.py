@@ -40,9 +40,17 @@ DTYPES = (jnp.float16, jnp.bfloat16)
 REGISTERS = {2: (232, 40), 3: (160, 32)}
 
 
+# The tiles that may also be 32 wide: the backward's streamed blocks (the
+# dQ kernel's keys, the dK/dV kernel's queries), which at head_dim 256 keep
+# its rings within shared memory (only there: the backward raises
+# NotImplementedError for them at head_dim <= 128).
+NARROW_FIELDS = ("block_k_dq", "block_q_dkv")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MosaicBlocks:
-  """Tiles of the Hopper kernels (each a multiple of 64); hashable.
+  """Tiles of the Hopper kernels (each a multiple of 64, or 32 in
+  NARROW_FIELDS); hashable.
 
   block_q: query rows per consumer warpgroup in the forward and dQ kernels
     (a CTA holds CONSUMERS * block_q rows).
@@ -121,9 +129,13 @@ class MosaicBlocks:
     for field in ("block_q", "block_k", "block_k_dq", "block_q_dkv",
                   "block_k_dkv"):
       value = getattr(self, field)
-      if not isinstance(value, int) or value <= 0 or value % 64:
-        raise ValueError(f"MosaicBlocks.{field} must be a positive multiple "
-                         f"of 64, got {value!r}")
+      narrow = field in NARROW_FIELDS and value == 32
+      if (not isinstance(value, int) or isinstance(value, bool) or value <= 0
+          or value % 64 and not narrow):
+        raise ValueError(
+            f"MosaicBlocks.{field} must be a positive multiple of 64"
+            + (" or 32" if field in NARROW_FIELDS else "")
+            + f", got {value!r}")
     for field in ("stages", "forward_stages"):
       value = getattr(self, field)
       if field == "forward_stages" and value is None:
@@ -181,7 +193,8 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
                           unmasked_len: int | None = None) -> MosaicBlocks:
   """The Hopper tiles for a head_dim (swept on an H100,
   benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
-  shared memory: Q is 64 KiB there); at 64, 128-row query tiles in dK/dV
+  shared memory: Q is 64 KiB there), and 32-row streamed blocks in its
+  backward (`NARROW_FIELDS`); at 64, 128-row query tiles in dK/dV
   and, where no mask cuts many blocks (`masked=False`: no window or segment
   ids, and no causal mask or one over at least 4096 tokens,
   `MaskRule.cuts_many_blocks`), 256-key forward tiles (+3-4% at 1k-16k
@@ -199,8 +212,8 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   check_token_count(key_span)
   check_token_count(unmasked_len, "unmasked_len")
   if head_dim > 128:
-    return MosaicBlocks(block_q=64, block_k=64, block_k_dq=64,
-                        block_q_dkv=64, block_k_dkv=64, stages=2)
+    return MosaicBlocks(block_q=64, block_k=64, block_k_dq=32,
+                        block_q_dkv=32, block_k_dkv=64, stages=2)
   if head_dim <= 64:
     if unmasked_len is not None and unmasked_len >= THREE_CONSUMERS_MIN_LEN:
       return MosaicBlocks(block_q_dkv=128, block_k=128, consumers=3,
@@ -520,12 +533,20 @@ def visited_runs(mask: MaskRule, seg_range, batch, tile, block_q: int,
   return narrowed(bounds, seg_range, batch, tile), loops
 
 
-def tile_smem(shape, dtype):
+def tile_smem(shape, dtype, swizzle: int = 128):
   """A shared-memory buffer of [..., rows, cols] tiles as wgmma and TMA
-  read them: 8 rows x 128 bytes per tile, 128-byte swizzle."""
-  cols = 128 // jnp.dtype(dtype).itemsize
+  read them: 8 rows x `swizzle` bytes per tile, swizzled as wide."""
+  cols = swizzle // jnp.dtype(dtype).itemsize
   return plgpu.SMEM(shape, dtype, transforms=(
-      plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(128)))
+      plgpu.TilingTransform((8, cols)), plgpu.SwizzleTransform(swizzle)))
+
+
+def swizzle_for(block: int) -> int:
+  """The swizzle (bytes) of a kernel's operand tiles: wgmma contracts a
+  shared-memory operand in groups of a swizzle's width (64 bf16 elements at
+  128 bytes), so a kernel that contracts over 32-row blocks
+  (`NARROW_FIELDS`) takes 64."""
+  return 64 if block % 64 else 128
 
 
 def compiler_params():
@@ -773,8 +794,9 @@ def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
                     dtype, consumers: int = CONSUMERS) -> tuple:
   """(buffers, barriers) of a ring of K and V tiles (and key segment ids)
   that the consumers free once each: see `kv_producer`."""
-  buffers = dict(k=tile_smem((stages, block_k, head_dim), dtype),
-                 v=tile_smem((stages, block_k, head_dim), dtype))
+  swizzle = swizzle_for(block_k)
+  buffers = dict(k=tile_smem((stages, block_k, head_dim), dtype, swizzle),
+                 v=tile_smem((stages, block_k, head_dim), dtype, swizzle))
   if mask.has_segments:
     buffers["kv_seg"] = plgpu.SMEM((stages, block_k), jnp.int32)
   barriers = dict(

@@ -226,7 +226,12 @@ def test_narrow_windows_take_small_tiles():
     ("block_k_dkv", 0, "MosaicBlocks.block_k_dkv must be a positive multiple"),
     ("block_k", 128.0, "MosaicBlocks.block_k must be a positive multiple"),
     ("block_k_dq", 96, "MosaicBlocks.block_k_dq must be a positive multiple "
-     "of 64, got 96"),
+     "of 64 or 32, got 96"),
+    ("block_q_dkv", 16, "MosaicBlocks.block_q_dkv must be a positive "
+     "multiple of 64 or 32, got 16"),
+    ("block_k", 32, "MosaicBlocks.block_k must be a positive multiple of 64, "
+     "got 32"),
+    ("block_q", True, "MosaicBlocks.block_q must be a positive multiple"),
     ("stages", 5, r"MosaicBlocks.stages must be an int in \[2, 4\], got 5"),
     ("stages", 1, r"MosaicBlocks.stages must be an int in \[2, 4\], got 1"),
     ("forward_stages", 5,
@@ -248,6 +253,8 @@ def test_mosaic_blocks_validation(field, value, message):
     fa2_jax.MosaicBlocks(**{field: value})
   hash(fa2_jax.MosaicBlocks())  # usable as a static argument
   assert fa2_jax.default_mosaic_blocks(256).block_k == 64
+  # The backward's streamed blocks may be 32 (head_dim 256's default).
+  assert fa2_jax.MosaicBlocks(block_k_dq=32, block_q_dkv=32).block_k_dq == 32
 
 
 @pytest.mark.parametrize("seq_len,kwargs,block_k", [

@@ -294,7 +294,9 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
     (64, 1000, dict(is_causal=True, has_segments=True), None),
     (128, 1000, dict(window_left=200, window_right=100, has_segments=True),
      None),
-    (256, 1000, dict(is_causal=True), None),  # forward only
+    (256, 1000, dict(is_causal=True), None),  # dK/dV in two launches
+    (256, 700, dict(window_left=100, window_right=30, has_segments=True),
+     None),
     (64, 2000, dict(is_causal=True, window_left=300, window_right=0),
      THREE_CONSUMERS),
     (64, 1000, dict(is_causal=True, has_segments=True), THREE_CONSUMERS),
@@ -310,11 +312,11 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
   blocks = blocks or fa2_jax.default_mosaic_blocks(
       head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span,
       unmasked_len=rule.unmasked_len)
-  backward = head_dim <= mosaic_backward.MAX_HEAD_DIM
-  text = _mosaic_text(rule, blocks, head_dim, backward=backward)
-  # The forward; the dK/dV kernel, and the dQ kernel unless dQ is fused.
+  text = _mosaic_text(rule, blocks, head_dim)
+  # The forward; the dK/dV kernel (twice at head_dim 256), and the dQ
+  # kernel unless dQ is fused.
   assert text.count("stablehlo.custom_call @mosaic_gpu") >= (
-      2 if backward else 1)
+      1 + len(mosaic_backward._launch_parts(head_dim)))
 
 
 @pytest.mark.parametrize("head_dim,blocks,backward,message", [
@@ -410,16 +412,39 @@ def test_default_fused_dq_only_where_it_fits():
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # dK/dV, dQ
 
 
-def test_backward_needs_head_dim_at_most_128():
-  q = jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_narrow_blocks_only_at_head_dim_256(head_dim):
+  q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
   stats = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
   rule = MaskRule(seq_len_q=256, seq_len_k=256)
   with pytest.raises(NotImplementedError,
-                     match="the Hopper backward runs head_dim <= 128, got "
-                           "256"):
+                     match=r"MosaicBlocks\(block_k_dq=32\): 32-row blocks "
+                           f"run only at head_dim 256 \\(padded\\), got "
+                           f"head_dim {head_dim}"):
     jax.eval_shape(functools.partial(
         mosaic_backward.backward, mask=rule, score=ScoreRule(scale=0.1),
-        blocks=fa2_jax.default_mosaic_blocks(256)), q, q, q, q, stats, stats)
+        blocks=fa2_jax.MosaicBlocks(block_k_dq=32)), q, q, q, q, stats, stats)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape,mask_fn", [
+    ((1, 1000, 777, 4, 2, 256, False), None),  # GQA, partial tiles
+    ((2, 300, 260, 2, 1, 256, True), None),  # MQA, causal
+    ((1, 700, 700, 2, 2, 192, True),  # padded to 256, a window
+     lambda b, t, s: dict(local_window_size=(150, 40))),
+    ((1, 600, 600, 2, 2, 256, True),  # packed documents, soft cap
+     lambda b, t, s: dict(logits_soft_cap=20.0, q_segment_ids=jnp.broadcast_to(
+         jnp.arange(t, dtype=jnp.int32) * 3 // t, (b, t)))),
+])
+def test_head_dim_256_backward(shape, mask_fn, dtype, hopper):
+  """head_dim 256 on the Hopper backward: the dK/dV kernel's two launches
+  (dV, then dK), 32-row query blocks and 32-key dQ blocks, 64-byte
+  swizzle."""
+  assert "dv" in mosaic_backward._parts(
+      mosaic_backward._launch_parts(256)[0])
+  check_against_reference(shape, dtype, False, mask_fn=mask_fn, seed=5,
+                          implementation="mosaic")
 
 
 @pytest.mark.parametrize("shape,window,alignment,blocks", [
