@@ -65,7 +65,8 @@ def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
   """Times one case; returns its row (with "error" if it failed).
 
   `variant` names an entry of VARIANTS; its TFLOP/s use the dense (or
-  causal) FLOP count, so skipped blocks show up as speed.
+  causal) FLOP count, so skipped blocks show up as speed. `calls`, `trials`,
+  `min_run_s`: as in `timing.time_calls`.
   """
   batch = batch or max(1, tokens // seq_len)
   heads = heads or max(1, hidden // head_dim)

@@ -570,7 +570,9 @@ def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
 def _dkdv_scratch(mask, blocks, hp: int, dtype, split, kv_slots: int):
   bq, bk, stages = blocks.block_q_dkv, blocks.block_k_dkv, blocks.stages
   segs = 1 if mask.has_segments else 0
-  swizzle = mt.swizzle_for(bq)  # dV and dK contract over bq queries
+  # dV and dK contract over bq queries; K and V meet Q and dO in S^T and
+  # dP^T, so all four take that swizzle.
+  swizzle = mt.swizzle_for(bq)
   scratch = dict(
       k=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype, swizzle),
       v=mt.tile_smem((kv_slots, mt.CONSUMERS, bk, hp), dtype, swizzle),
@@ -721,7 +723,9 @@ def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int):
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
                                        hp, dtype)
   rows = (q_slots, mt.CONSUMERS, bq)
-  swizzle = mt.swizzle_for(blocks.block_k)  # dQ contracts over the keys
+  # dQ contracts over the ring's keys (`kv_ring_scratch` takes this
+  # swizzle); Q and dO meet K and V in S and dP, so they take it too.
+  swizzle = mt.swizzle_for(blocks.block_k)
   scratch = dict(
       q=mt.tile_smem((*rows, hp), dtype, swizzle),
       do=mt.tile_smem((*rows, hp), dtype, swizzle),

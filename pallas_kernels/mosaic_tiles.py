@@ -58,7 +58,9 @@ class MosaicBlocks:
     runs as two 128-key sub-steps, `MASKED_SUB_STEP`).
   block_k_dq: keys per pipeline step in the dQ kernel.
   block_q_dkv, block_k_dkv: the dK/dV kernel streams [block_q_dkv, H] tiles
-    of Q and dO past CONSUMERS * block_k_dkv resident keys.
+    of Q and dO past CONSUMERS * block_k_dkv resident keys. block_k_dq and
+    block_q_dkv may be 32 (at head_dim 256 only, its default; the backward
+    raises NotImplementedError for them below).
   stages: depth of the shared-memory ring of every kernel (the forward's:
     `forward_stages` where set). A kernel whose
     buffers then pass the 227 KiB of a CTA's shared memory raises
