@@ -222,7 +222,13 @@ def parse_args(argv):
   parser.add_argument("--compare", metavar="RESULTS_JSON", default=None,
                       help="no run: print the ratio tables of a results.json "
                       "and redraw its plots into --output-dir")
-  parser.add_argument("--baseline", default="cudnn")
+  parser.add_argument("--baseline", default="cudnn",
+                      help="the ratio column's denominator: an implementation "
+                      "or several, comma-separated (the fastest of them per "
+                      "row), e.g. cudnn,tokamax-mosaic")
+  parser.add_argument("--ours", default=None,
+                      help="the ratio column's numerator (default fa2-mosaic "
+                      "where the results have it, else fa2-triton)")
   args = parser.parse_args(argv)
   if args.quick:  # the quick sweep's sizes, where not given explicitly
     for key, value in QUICK.items():
@@ -244,7 +250,8 @@ def main(argv=None):
     write_plots(speed, mem, args.output_dir, timing.PASSES,
                 title=f"({rows[0].get('device', '')})" if rows else "")
     if speed:
-      print(report.ratio_tables(speed, baseline=args.baseline))
+      print(report.ratio_tables(speed, baseline=args.baseline,
+                                       ours=args.ours))
     if mem:
       print()
       print(report.memory_table(mem))
@@ -296,7 +303,8 @@ def main(argv=None):
               args.output_dir, passes,
               title=f"({env['device']}, {jnp.dtype(dtype).name})")
   if rows:
-    print(report.ratio_tables(rows, baseline=args.baseline))
+    print(report.ratio_tables(rows, baseline=args.baseline,
+                                     ours=args.ours))
   if mem_rows:
     print()
     print(report.memory_table(mem_rows))

@@ -73,3 +73,20 @@ def test_short_calls_are_timed_over_a_longer_run():
   # 1 warm-up, 2 to estimate, then 3 runs of >= 0.02 s / ~1.1 ms calls.
   runs = (len(counts) - 3) / 3
   assert 10 <= runs <= 21 and 0.001 <= seconds < 0.002, (runs, seconds)
+
+
+def test_ratio_is_to_the_fastest_of_several_baselines():
+  """`--baseline cudnn,tokamax-mosaic`: each row's ratio is to the faster of
+  the two there (the issue's bar), and a failed baseline does not count."""
+  from fa2_jax.bench import report
+  case = dict(seq_len=1024, head_dim=64, causal=False)
+  rows = [dict(impl="fa2-mosaic", pass_="fwd", tflops=300.0, **case),
+          dict(impl="cudnn", pass_="fwd", tflops=200.0, **case),
+          dict(impl="tokamax-mosaic", pass_="fwd", tflops=250.0, **case),
+          dict(impl="fa2-mosaic", pass_="bwd", tflops=300.0, **case),
+          dict(impl="cudnn", pass_="bwd", tflops=400.0, **case),
+          dict(impl="tokamax-mosaic", pass_="bwd", error="OOM", **case)]
+  table = report.ratio_tables(rows, baseline="cudnn,tokamax-mosaic")
+  assert "fa2-mosaic / best of cudnn, tokamax-mosaic" in table
+  assert "| 1024 | 64 | False | fwd | 300 | 200 | 250 | 1.20 |" in table
+  assert "| 1024 | 64 | False | bwd | 300 | 400 | OOM | 0.75 |" in table

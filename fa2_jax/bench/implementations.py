@@ -15,7 +15,8 @@ import fa2_jax
 
 FA2 = ("fa2-triton", "fa2-mosaic")
 JAX_NN = ("cudnn", "xla")
-PEERS = ("jax-pallas-triton", "jax-pallas-mosaic", "tokamax")
+PEERS = ("jax-pallas-triton", "jax-pallas-mosaic", "tokamax-mosaic",
+         "tokamax-triton")
 
 
 def _fa2(implementation, *, is_causal, interpret, block_sizes, **mask_kwargs):
@@ -73,12 +74,16 @@ def _jax_pallas_mosaic(*, is_causal, interpret, block_sizes, **mask_kwargs):
   return fn
 
 
-def _tokamax(*, is_causal, interpret, block_sizes, **mask_kwargs):
+def _tokamax(implementation, *, is_causal, interpret, block_sizes,
+             **mask_kwargs):
+  """tokamax's attention, one named kernel ("mosaic": its Mosaic GPU one,
+  "triton"): its default tries a list and would fall back silently."""
   del interpret, block_sizes
   if mask_kwargs:
     raise NotImplementedError(f"tokamax here takes no {sorted(mask_kwargs)}")
   import tokamax
-  return functools.partial(tokamax.dot_product_attention, is_causal=is_causal)
+  return functools.partial(tokamax.dot_product_attention, is_causal=is_causal,
+                           implementation=implementation)
 
 
 _FACTORIES = {
@@ -88,7 +93,8 @@ _FACTORIES = {
     "xla": functools.partial(_jax_nn, "xla"),
     "jax-pallas-triton": _jax_pallas_triton,
     "jax-pallas-mosaic": _jax_pallas_mosaic,
-    "tokamax": _tokamax,
+    "tokamax-mosaic": functools.partial(_tokamax, "mosaic"),
+    "tokamax-triton": functools.partial(_tokamax, "triton"),
 }
 
 
@@ -107,8 +113,8 @@ def available(on_gpu: bool) -> list[str]:
     names.append("jax-pallas-triton")
   if on_gpu and _importable("jax.experimental.pallas.ops.gpu.attention_mgpu"):
     names.append("jax-pallas-mosaic")
-  if _importable("tokamax"):
-    names.append("tokamax")
+  if on_gpu and _importable("tokamax"):
+    names += ["tokamax-mosaic", "tokamax-triton"]
   return names
 
 

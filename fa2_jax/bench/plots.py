@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 _COLORS = {"fa2-triton": "tab:orange", "fa2-mosaic": "tab:red",
            "cudnn": "tab:green", "xla": "tab:brown",
            "jax-pallas-triton": "tab:purple", "jax-pallas-mosaic": "tab:pink",
-           "tokamax": "tab:blue"}
+           "tokamax-mosaic": "tab:blue", "tokamax-triton": "tab:cyan"}
 
 
 def _color(impl):
