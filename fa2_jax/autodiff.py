@@ -3,7 +3,9 @@
 The forward saves (q, k, v, O, LSE); the backward computes
 delta = rowsum(dO * O) (FA2 Algorithm 2, line 4) in one XLA fusion, subtracts
 the LSE's own cotangent (dLSE/dS = P, so it folds into delta), and runs the
-dK/dV and dQ kernels. Segment ids, the mask array and the dropout seeds are
+dK/dV and dQ kernels. The Hopper backward, where the LSE has no cotangent
+and no bias gradient is asked for, takes O instead and computes delta
+itself (`mosaic_backward.backward`). Segment ids, the mask array and the dropout seeds are
 integer or boolean inputs, and ALiBi slopes are constants (the API stops their
 gradient): none gets a cotangent.
 
@@ -25,6 +27,7 @@ from pallas_kernels import (mosaic_backward, mosaic_forward, triton_backward,
 from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
 from pallas_kernels.mosaic_tiles import MosaicBlocks
+from pallas_kernels.outputs import row_delta
 from pallas_kernels.scores import ScoreRule
 
 
@@ -96,8 +99,8 @@ def _forward_launch(a, config: KernelConfig):
 def _backward_launch(a, config: KernelConfig):
   if config.backend == "mosaic":
     return mosaic_backward.backward(
-        a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
-        **_mosaic_rules(a, config))
+        a["q"], a["k"], a["v"], a["do"], a["lse"], a.get("delta"),
+        out=a.get("out"), **_mosaic_rules(a, config))
   bs = config.block_sizes
   return triton_backward.backward(
       a["q"], a["k"], a["v"], a["do"], a["lse"], a["delta"],
@@ -123,12 +126,16 @@ def run_forward(q, k, v, variants, config: KernelConfig):
                              outputs=("out", "lse"))
 
 
-def run_backward(q, k, v, do, lse, delta, variants, config: KernelConfig):
+def run_backward(q, k, v, do, lse, delta, variants, config: KernelConfig,
+                 out=None):
   """(dq, dk, dv) from the backward kernels, given the LSE and
-  delta = rowsum(dO O) [B, N, T] (possibly of a larger attention: ring)."""
+  delta = rowsum(dO O) [B, N, T] (possibly of a larger attention: ring);
+  or, on the Mosaic backend, delta None and the forward's `out`: the
+  kernels compute it."""
   return partitioning.launch(
       _backward_launch, config,
-      dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, **_named(variants)),
+      dict(q=q, k=k, v=v, do=do, lse=lse, delta=delta, out=out,
+           **_named(variants)),
       outputs=("dq", "dk", "dv"))
 
 
@@ -183,13 +190,20 @@ def _attention_bwd(config: KernelConfig, residuals, cotangents):
   d_out, d_lse = cotangents
   if isinstance(d_out, SymbolicZero):
     d_out = jnp.zeros(out.shape, out.dtype)
-  delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
-  delta = jnp.transpose(delta, (0, 2, 1))  # [B, N, T]
+  d_out = d_out.astype(q.dtype)
+  d_bias = None
+  if (config.backend == "mosaic" and isinstance(d_lse, SymbolicZero)
+      and grad_bias is None):
+    # The Hopper backward computes delta itself (in its dQ kernel where it
+    # can: one pass over O and dO fewer).
+    dq, dk, dv = run_backward(q, k, v, d_out, lse, None, variants, config,
+                              out=out)
+    return dq, dk, dv, d_bias, None, None, None, None
+  delta = row_delta(out, d_out)
   if not isinstance(d_lse, SymbolicZero):
     delta = delta - d_lse
-  args = (q, k, v, d_out.astype(q.dtype), lse, delta)
+  args = (q, k, v, d_out, lse, delta)
   dq, dk, dv = run_backward(*args, variants, config)
-  d_bias = None
   if grad_bias is not None:
     ds = run_bias_gradient(*args, variants, config)
     axes = tuple(a for a in range(4) if grad_bias.shape[a] == 1 != ds.shape[a])

@@ -17,6 +17,10 @@ a fixed order.
   and dO load during this one); each consumer keeps Q and dO, the producer
   streams K and V:
   S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+  It runs first: given O instead of delta, each consumer first computes
+  its rows' delta = rowsum(dO O) from O and dO in shared memory and stores
+  it for the dK/dV kernel (one pass over O and dO fewer than an XLA
+  reduction; benchmarks/NOTES.md item 50).
 * Or, with `MosaicBlocks(fused_dq=True)`, dQ inside the dK/dV kernel (FA2's
   5 matmuls instead of 7): the consumers pass dS^T through shared memory,
   each computes half of the partial dQ = dS K of the CTA's keys, and a
@@ -54,7 +58,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_tiles as mt
 from pallas_kernels.mask import MaskRule
-from pallas_kernels.outputs import out_struct
+from pallas_kernels.outputs import out_struct, row_delta
 from pallas_kernels.scores import ScoreRule, lse_log2
 
 
@@ -622,8 +626,11 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
   num_tiles = tiles.count(cta)
   one_sided = mask.one_sided_runs(mt.CONSUMERS * bq, bk, query_major=True)
 
-  def load_q(t, slot):  # Q, dO and their statistics of local tile t
-    mt.load_own(refs, scratch, ["q", "do", "lse", "delta"]
+  in_kernel = "o" in scratch  # delta = rowsum(dO O) computed here
+
+  def load_q(t, slot):  # Q, dO and their statistics (or O) of local tile t
+    mt.load_own(refs, scratch, ["q", "do", "lse", "o" if in_kernel else
+                                "delta"]
                 + (["q_seg"] if mask.has_segments else []), bars["q"],
                 tiles=tiles, cta=cta, t=t, wg=wg, slot=slot, block=bq)
 
@@ -640,7 +647,15 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
     q_smem, do_smem = (scratch[name].at[q_slot, wg] for name in ("q", "do"))
     vector = lambda name: mt.load_vector(scratch[name].at[q_slot, wg],
                                          axis=0)
-    lse2, delta = vector("lse"), vector("delta")
+    lse2 = vector("lse")
+    if in_kernel:  # delta of the tile's rows, stored for the dK/dV kernel
+      delta_smem = scratch["delta"].at[q_slot, wg]
+      delta = _row_delta(scratch["o"].at[q_slot, wg], do_smem)
+      delta_smem[...] = delta
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(delta_smem, refs["delta"].at[batch, head, rows])
+    else:
+      delta = vector("delta")
     q_seg = vector("q_seg") if mask.has_segments else None
     num_blocks = bounds[3] - bounds[0]
 
@@ -693,12 +708,23 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
   plgpu.wait_smem_to_gmem(0)
 
 
-def _dq_kernel(*args, mask, score, blocks, group: int, tiles):
-  names = ["q", "k", "v", "do", "lse", "delta"]
+def _row_delta(o_smem, do_smem):
+  """delta = rowsum(dO O) in float32 of one consumer's [bq, H] tiles of O
+  and dO in shared memory: [bq], laid out one value per row of a wgmma
+  tile (as `mt.load_vector(..., axis=0)`)."""
+  o, do = (plgpu.load(ref, layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+           for ref in (o_smem, do_smem))
+  return (o * do).sum(axis=1)
+
+
+def _dq_kernel(*args, mask, score, blocks, group: int, tiles,
+               in_kernel: bool):
+  """in_kernel: the kernel takes O (not delta) and also returns delta."""
+  names = ["q", "k", "v", "do", "lse", "o" if in_kernel else "delta"]
   names += ["q_seg", "kv_seg", "seg_range"] if mask.has_segments else []
   names += tiles.input_names()
   mt.query_major_kernel(
-      args, names + ["dq"],
+      args, names + ["dq"] + (["delta"] if in_kernel else []),
       functools.partial(_dq_consumer, mask=mask, score=score, blocks=blocks),
       mask=mask, blocks=blocks, group=group, tiles=tiles)
 
@@ -717,7 +743,9 @@ def _dq_tiles(mask: MaskRule, blocks: mt.MosaicBlocks, num_q_tiles: int,
                   and sum(costs) <= MAX_PERSISTENT_DQ_STEPS * num_q_tiles))
 
 
-def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int):
+def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int,
+                in_kernel: bool):
+  """in_kernel: O in each slot beside Q and dO (delta computed here)."""
   bq = blocks.block_q
   segs = 1 if mask.has_segments else 0
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
@@ -736,6 +764,8 @@ def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int):
                 **ring_bars))
   if mask.has_segments:
     scratch["q_seg"] = plgpu.SMEM(rows, jnp.int32)
+  if in_kernel:
+    scratch["o"] = mt.tile_smem((*rows, hp), dtype, swizzle)
   return scratch
 
 
@@ -753,17 +783,23 @@ def _dq_kernel_blocks(blocks: mt.MosaicBlocks) -> mt.MosaicBlocks:
 # ---------------------------------------------------------------- wrapper
 
 def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
-             score: ScoreRule, blocks: mt.MosaicBlocks):
+             score: ScoreRule, blocks: mt.MosaicBlocks, out=None):
   """FlashAttention-2 backward on Hopper: dQ, dK, dV.
 
   Args:
     q, do: [B, T, N, H]; k, v: [B, S, K, H] (float16 or bfloat16), H <=
       256;
-    lse, delta: [B, N, T] float32, lse in natural log, delta = rowsum(dO O).
+    lse, delta: [B, N, T] float32, lse in natural log, delta = rowsum(dO O);
+      or delta None and `out` [B, T, N, H], the forward's O: the dQ kernel
+      then computes delta (where it runs, and O fits in its shared memory;
+      else one XLA fusion here), so that O and dO are read once fewer.
     segments, mask, score, blocks: as in `mosaic_forward.forward`.
   Returns:
     dq [B, T, N, H], dk and dv [B, S, K, H], in the inputs' dtype.
   """
+  if (delta is None) == (out is None):
+    raise ValueError("backward takes delta or out, exactly one of them; got "
+                     f"delta={_shape(delta)}, out={_shape(out)}")
   batch, seq_len_q, num_heads, head_dim = q.shape
   seq_len_k, num_kv_heads = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
@@ -784,19 +820,27 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
   segments = mt.pad_segments(segments, tp, sp)
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, sp, hp),
             mt.pad_tokens(v, sp, hp), mt.pad_tokens(do, tp, hp),
-            mt.pad_axis(lse_log2(lse), 2, tp, jnp.inf),
-            mt.pad_axis(delta, 2, tp), *segments)
+            mt.pad_axis(lse_log2(lse), 2, tp, jnp.inf))
   common = dict(num_threads=mt.CONSUMERS + 1, thread_name="wg",
                 compiler_params=mt.compiler_params())
 
   num_k_tiles = sp // (mt.CONSUMERS * blocks.block_k_dkv)
   num_q_blocks = tp // blocks.block_q_dkv
-  dk_dv = {name: out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
-           for name, x in (("dk", k), ("dv", v))}
   key_costs = _key_tile_costs(mask, num_k_tiles, blocks, group)
   split = _dq_split(blocks, hp, mask, key_costs, num_kv_heads * batch,
                     rotatable=_rotatable(mask, num_q_blocks, num_k_tiles),
                     dtype=q.dtype)
+  if not split:  # the dQ kernel first: it may compute delta
+    dq, delta = _dq_launch(inputs, segments, delta, out, do, mask=mask,
+                           score=score, blocks=blocks, dq_blocks=dq_blocks,
+                           group=group, common=common, tp=tp, hp=hp)
+  elif delta is None:
+    delta = row_delta(out, do)
+  delta = mt.pad_axis(delta, 2, tp)
+  inputs = (*inputs, delta, *segments)
+
+  dk_dv = {name: out_struct((batch, sp, num_kv_heads, hp), x.dtype, q)
+           for name, x in (("dk", k), ("dv", v))}
   order = _walk_order(mask, split, num_q_blocks, num_k_tiles)
   # The fused dQ's float32 sums (two when rotated, `_fused_dq_producer`).
   dq_sum = [out_struct((2 if order == ROTATED else 1, batch, tp, num_heads,
@@ -837,27 +881,57 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
     dq = _finish_dq(outs[-1], mask, blocks.block_q_dkv,
                     mt.CONSUMERS * blocks.block_k_dkv, score.scale, q.dtype,
                     num_k_tiles)
-  else:
-    tiles = _dq_tiles(mask, blocks, tp // (mt.CONSUMERS * blocks.block_q),
-                      num_heads, batch)
-    dq_scratch = _dq_scratch(
-        mask, dq_blocks, hp, q.dtype,
-        2 if tiles.persistent and mt.fits_two_slots(
-            2 * mt.CONSUMERS * blocks.block_q,
-            2 * blocks.stages * blocks.block_k_dq, hp, q.dtype) else 1)
-    mt.check_smem(dq_scratch, kernel="dQ kernel", head_dim=hp, blocks=blocks,
-                  fields=("block_q", "block_k_dq", "stages"))
-    dq = plgpu.kernel(
-        functools.partial(_dq_kernel, mask=mask, score=score,
-                          blocks=dq_blocks, group=group, tiles=tiles),
-        out_type=out_struct((batch, tp, num_heads, hp), q.dtype, q),
-        scratch_types=[dq_scratch],
-        grid=(tiles.num_ctas,), grid_names=("cta",), **common)(
-            *inputs, *mt.segment_ranges(
-                segments, mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,
-                query_major=True), *tiles.inputs())
   return (dq[:, :seq_len_q, :, :head_dim], dk[:, :seq_len_k, :, :head_dim],
           dv[:, :seq_len_k, :, :head_dim])
+
+
+def _shape(x):
+  return None if x is None else tuple(x.shape)
+
+
+def _dq_launch(inputs, segments, delta, out, do, *, mask, score, blocks,
+               dq_blocks, group, common, tp: int, hp: int):
+  """The dQ kernel on the padded `inputs` (q, k, v, do, base-2 lse): (dq
+  [B, tp, N, hp], delta [B, N, T or tp]). With delta None it computes delta
+  from `out` (returned padded to tp) where O fits in its shared memory;
+  else delta comes from `row_delta(out, do)` here (do unpadded)."""
+  q = inputs[0]
+  batch, _, num_heads, _ = q.shape
+  tiles = _dq_tiles(mask, blocks, tp // (mt.CONSUMERS * blocks.block_q),
+                    num_heads, batch)
+
+  def scratch(in_kernel):
+    own = (3 if in_kernel else 2) * mt.CONSUMERS * blocks.block_q
+    two = tiles.persistent and mt.fits_two_slots(
+        own, 2 * blocks.stages * blocks.block_k_dq, hp, q.dtype)
+    return _dq_scratch(mask, dq_blocks, hp, q.dtype, 2 if two else 1,
+                       in_kernel)
+
+  in_kernel = delta is None and (mt.smem_bytes(scratch(True))
+                                 <= mt.smem_limit())
+  if in_kernel:
+    last = mt.pad_tokens(out, tp, hp)
+  else:
+    if delta is None:
+      delta = row_delta(out, do)
+    last = mt.pad_axis(delta, 2, tp)
+  dq_scratch = scratch(in_kernel)
+  mt.check_smem(dq_scratch, kernel="dQ kernel", head_dim=hp, blocks=blocks,
+                fields=("block_q", "block_k_dq", "stages"))
+  out_types = [out_struct((batch, tp, num_heads, hp), q.dtype, q)]
+  if in_kernel:
+    out_types.append(out_struct((batch, num_heads, tp), jnp.float32, q))
+  outs = plgpu.kernel(
+      functools.partial(_dq_kernel, mask=mask, score=score,
+                        blocks=dq_blocks, group=group, tiles=tiles,
+                        in_kernel=in_kernel),
+      out_type=tuple(out_types),
+      scratch_types=[dq_scratch],
+      grid=(tiles.num_ctas,), grid_names=("cta",), **common)(
+          *inputs, last, *segments, *mt.segment_ranges(
+              segments, mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,
+              query_major=True), *tiles.inputs())
+  return outs[0], (outs[1] if in_kernel else delta)
 
 
 def _finish_dq(dq_sum, mask: MaskRule, block_q: int, block_k: int, scale,

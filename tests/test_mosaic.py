@@ -257,10 +257,12 @@ def test_three_consumers_unsupported(blocks, head_dim, message):
         score=ScoreRule(scale=head_dim ** -0.5), blocks=tiles), q, q, q)
 
 
-def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
+def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True,
+                 given_delta=False):
   """The Hopper forward and/or backward at these tiles, traced and lowered
   for CUDA (on any host: Mosaic GPU's layout inference and shared-memory
-  check run without a GPU)."""
+  check run without a GPU). The backward takes O and computes delta, as
+  under autodiff, or with `given_delta` takes delta (as ring attention)."""
   kw = dict(mask=rule, score=ScoreRule(scale=0.125), blocks=blocks)
   t, s = rule.seq_len_q, rule.seq_len_k
   q = jax.ShapeDtypeStruct((1, t, 4, head_dim), jnp.bfloat16)
@@ -275,8 +277,12 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True):
     if forward:
       out += mosaic_forward.forward(q, k, v, segments, **kw)
     if backward:
-      out += mosaic_backward.backward(q, k, v, do, lse, delta, segments,
-                                      **kw)
+      if given_delta:
+        out += mosaic_backward.backward(q, k, v, do, lse, delta, segments,
+                                        **kw)
+      else:  # O: any [B, T, N, H] array of the inputs' dtype
+        out += mosaic_backward.backward(q, k, v, do, lse, None, segments,
+                                        out=do, **kw)
     return out
 
   return jax.jit(kernels).trace(q, kv, kv, q, stats, stats, segments).lower(
@@ -346,7 +352,7 @@ def test_tiles_past_shared_memory_raise(head_dim, blocks, backward, message,
       fa2_jax.default_mosaic_blocks(head_dim, masked=False), **blocks)
   lower = functools.partial(
       _mosaic_text, MaskRule(seq_len_q=4096, seq_len_k=4096), tiles,
-      head_dim, forward=not backward, backward=backward)
+      head_dim, forward=not backward, backward=backward, given_delta=True)
   with pytest.raises(NotImplementedError, match=message):
     lower()
   need = re.search(r"needs (\d+) bytes", message)
@@ -410,6 +416,42 @@ def test_default_fused_dq_only_where_it_fits():
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1  # fused
   text = lower(dataclasses.replace(fused, stages=3))
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # dK/dV, dQ
+
+
+@pytest.mark.parametrize("head_dim,seq_len,rule_kwargs,in_kernel", [
+    (64, 2048, dict(is_causal=True, window_left=256, window_right=0), True),
+    (128, 1000, {}, True),  # O fits beside the ring with 944 bytes to spare
+    (64, 4096, {}, False),  # dQ fused (the rotated walk): no dQ kernel
+    (256, 1000, {}, False),  # no room for O
+])
+def test_dq_kernel_computes_delta_where_it_runs_and_o_fits(
+    head_dim, seq_len, rule_kwargs, in_kernel):
+  """Given O (as under autodiff), the backward computes delta = rowsum(dO O)
+  in the dQ kernel, or, where that kernel does not run or O does not fit
+  in its shared memory, in one XLA reduction before the kernels."""
+  rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len, **rule_kwargs)
+  blocks = fa2_jax.default_mosaic_blocks(
+      head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span,
+      unmasked_len=rule.unmasked_len)
+  q = jax.ShapeDtypeStruct((1, seq_len, 16, head_dim), jnp.bfloat16)
+  stats = jax.ShapeDtypeStruct((1, 16, seq_len), jnp.float32)
+  jaxpr = jax.make_jaxpr(lambda q, do, lse: mosaic_backward.backward(
+      q, q, q, do, lse, None, mask=rule, score=ScoreRule(scale=0.1),
+      blocks=blocks, out=q))(q, q, stats)
+
+  def outside_kernels(jaxpr):  # primitives, descending into jits only
+    for e in jaxpr.eqns:
+      yield e.primitive.name
+      if e.primitive.name == "jit":
+        yield from outside_kernels(e.params["jaxpr"].jaxpr)
+
+  outer = set(outside_kernels(jaxpr.jaxpr))
+  assert ("reduce_sum" not in outer) == in_kernel, outer
+  with pytest.raises(ValueError, match="backward takes delta or out, exactly "
+                                       "one of them; got delta=None, out=None"):
+    jax.eval_shape(functools.partial(
+        mosaic_backward.backward, mask=rule, score=ScoreRule(scale=0.1),
+        blocks=blocks), q, q, q, q, stats, None)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
