@@ -5,9 +5,9 @@ delta = rowsum(dO * O) (FA2 Algorithm 2, line 4) in one XLA fusion, subtracts
 the LSE's own cotangent (dLSE/dS = P, so it folds into delta), and runs the
 dK/dV and dQ kernels. The Hopper backward, where the LSE has no cotangent
 and no bias gradient is asked for, takes O instead and computes delta
-itself (`mosaic_backward.backward`). Segment ids, the mask array and the dropout seeds are
-integer or boolean inputs, and ALiBi slopes are constants (the API stops their
-gradient): none gets a cotangent.
+itself (`mosaic_backward.backward`). Segment ids, the mask array and the
+dropout seeds are integer or boolean inputs, and ALiBi slopes are constants
+(the API stops their gradient): none gets a cotangent.
 
 The bias's gradient (dS summed over its broadcast axes) costs a third kernel
 and a [B, N, T, S] float32 buffer, so it runs only when the bias is being
