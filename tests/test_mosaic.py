@@ -454,6 +454,23 @@ def test_dq_kernel_computes_delta_where_it_runs_and_o_fits(
         blocks=blocks), q, q, q, q, stats, None)
 
 
+def test_dq_scratch_with_o_counts_as_mosaic_does(monkeypatch):
+  """O leaves 944 bytes of shared memory at head_dim 128, so its count must
+  be Mosaic GPU's own: with a third stage (past the limit) and our limit
+  switched off, Mosaic's error names exactly the bytes `mt.smem_bytes`
+  gives for the dQ scratch with O."""
+  rule = MaskRule(seq_len_q=4096, seq_len_k=4096)
+  tiles = dataclasses.replace(
+      fa2_jax.default_mosaic_blocks(128, masked=False), stages=3)
+  need = mosaic_tiles.smem_bytes(mosaic_backward._dq_scratch(
+      rule, mosaic_backward._dq_kernel_blocks(tiles), 128, jnp.bfloat16, 1,
+      in_kernel=True))
+  monkeypatch.setattr(mosaic_tiles, "smem_limit", lambda: 10**9)
+  with pytest.raises(ValueError, match=rf"exceeds available shared memory: "
+                                       rf"smem_bytes={need} "):
+    _mosaic_text(rule, tiles, 128, forward=False)
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_narrow_blocks_only_at_head_dim_256(head_dim):
   q = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
