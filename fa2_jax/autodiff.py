@@ -191,19 +191,18 @@ def _attention_bwd(config: KernelConfig, residuals, cotangents):
   if isinstance(d_out, SymbolicZero):
     d_out = jnp.zeros(out.shape, out.dtype)
   d_out = d_out.astype(q.dtype)
-  d_bias = None
-  if (config.backend == "mosaic" and isinstance(d_lse, SymbolicZero)
-      and grad_bias is None):
-    # The Hopper backward computes delta itself (in its dQ kernel where it
-    # can: one pass over O and dO fewer).
-    dq, dk, dv = run_backward(q, k, v, d_out, lse, None, variants, config,
-                              out=out)
-    return dq, dk, dv, d_bias, None, None, None, None
-  delta = row_delta(out, d_out)
-  if not isinstance(d_lse, SymbolicZero):
-    delta = delta - d_lse
+  if config.backend == "mosaic" and isinstance(d_lse, SymbolicZero):
+    # The Hopper backward computes delta itself, in its dQ kernel where it
+    # can (one pass over O and dO fewer). It takes no bias, so no bias
+    # gradient needs delta here.
+    delta, given_out = None, out
+  else:
+    delta, given_out = row_delta(out, d_out), None
+    if not isinstance(d_lse, SymbolicZero):
+      delta = delta - d_lse
   args = (q, k, v, d_out, lse, delta)
-  dq, dk, dv = run_backward(*args, variants, config)
+  dq, dk, dv = run_backward(*args, variants, config, out=given_out)
+  d_bias = None
   if grad_bias is not None:
     ds = run_bias_gradient(*args, variants, config)
     axes = tuple(a for a in range(4) if grad_bias.shape[a] == 1 != ds.shape[a])

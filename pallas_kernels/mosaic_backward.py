@@ -171,7 +171,7 @@ def _dq_split(blocks: mt.MosaicBlocks, head_dim: int, mask: MaskRule,
     split = "rows"
   if split and blocks.fused_dq is None:
     scratch = _dkdv_scratch(mask, blocks, head_dim, dtype, split, 1)
-    if mt.smem_bytes(scratch) > mt.smem_limit():
+    if not mt.fits_smem(scratch):
       return None
   return split
 
@@ -892,9 +892,9 @@ def _shape(x):
 def _dq_launch(inputs, segments, delta, out, do, *, mask, score, blocks,
                dq_blocks, group, common, tp: int, hp: int):
   """The dQ kernel on the padded `inputs` (q, k, v, do, base-2 lse): (dq
-  [B, tp, N, hp], delta [B, N, T or tp]). With delta None it computes delta
-  from `out` (returned padded to tp) where O fits in its shared memory;
-  else delta comes from `row_delta(out, do)` here (do unpadded)."""
+  [B, tp, N, hp], delta [B, N, tp]). With delta None it computes delta from
+  `out` where O fits in its shared memory; else delta comes from
+  `row_delta(out, do)` here (do unpadded)."""
   q = inputs[0]
   batch, _, num_heads, _ = q.shape
   tiles = _dq_tiles(mask, blocks, tp // (mt.CONSUMERS * blocks.block_q),
@@ -907,8 +907,7 @@ def _dq_launch(inputs, segments, delta, out, do, *, mask, score, blocks,
     return _dq_scratch(mask, dq_blocks, hp, q.dtype, 2 if two else 1,
                        in_kernel)
 
-  in_kernel = delta is None and (mt.smem_bytes(scratch(True))
-                                 <= mt.smem_limit())
+  in_kernel = delta is None and mt.fits_smem(scratch(True))
   if in_kernel:
     last = mt.pad_tokens(out, tp, hp)
   else:
@@ -931,7 +930,7 @@ def _dq_launch(inputs, segments, delta, out, do, *, mask, score, blocks,
           *inputs, last, *segments, *mt.segment_ranges(
               segments, mt.CONSUMERS * blocks.block_q, blocks.block_k_dq,
               query_major=True), *tiles.inputs())
-  return outs[0], (outs[1] if in_kernel else delta)
+  return outs[0], outs[1] if in_kernel else last
 
 
 def _finish_dq(dq_sum, mask: MaskRule, block_q: int, block_k: int, scale,

@@ -283,13 +283,18 @@ def smem_bytes(scratch) -> int:
   return size
 
 
+def fits_smem(scratch) -> bool:
+  """Whether a kernel with this scratch tree fits a CTA's shared memory."""
+  return smem_bytes(scratch) <= smem_limit()
+
+
 def check_smem(scratch, *, kernel: str, head_dim: int, blocks: "MosaicBlocks",
                fields):
   """NotImplementedError naming the MosaicBlocks `fields` that size the
   kernel's shared memory where its scratch does not fit in a CTA's (rather
   than Mosaic GPU's error when it compiles)."""
-  need, limit = smem_bytes(scratch), smem_limit()
-  if need > limit:
+  if not fits_smem(scratch):
+    need, limit = smem_bytes(scratch), smem_limit()
     named = ", ".join(f"{f}={getattr(blocks, f)}" for f in fields)
     raise NotImplementedError(
         f"MosaicBlocks({named}) needs {need} bytes of shared memory in the "
