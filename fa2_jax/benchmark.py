@@ -230,6 +230,17 @@ def parse_args(argv):
                       help="the ratio column's numerator (default fa2-mosaic "
                       "where the results have it, else fa2-triton)")
   args = parser.parse_args(argv)
+  # The ratio column's names: implementations this benchmark knows, or, with
+  # --compare, those in that file (a typo would leave the column all "-").
+  known = set(implementations.names())
+  if args.compare:
+    with open(args.compare) as f:
+      known |= {r["impl"] for r in json.load(f)["rows"]}
+  for flag, value in (("--baseline", args.baseline), ("--ours", args.ours)):
+    unknown = [n for n in (value or "").split(",") if value and n not in known]
+    if unknown:
+      parser.error(f"{flag}: unknown implementation(s) {unknown}; expected "
+                   f"names from {sorted(known)}")
   if args.quick:  # the quick sweep's sizes, where not given explicitly
     for key, value in QUICK.items():
       if key in vars(args) and getattr(args, key) == parser.get_default(key):

@@ -1,6 +1,7 @@
 """The benchmark CLI's --quick path writes valid JSON and PNGs; --compare
 reads them back. (Speed itself is measured on a GPU, not asserted here.)"""
 import json
+import re
 import time
 
 import jax.numpy as jnp
@@ -90,3 +91,19 @@ def test_ratio_is_to_the_fastest_of_several_baselines():
   assert "fa2-mosaic / best of cudnn, tokamax-mosaic" in table
   assert "| 1024 | 64 | False | fwd | 300 | 200 | 250 | 1.20 |" in table
   assert "| 1024 | 64 | False | bwd | 300 | 400 | OOM | 0.75 |" in table
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--baseline", "cudnn,tokamax"], r"--baseline: unknown implementation\(s\) "
+     r"\['tokamax'\]; expected names from \["),
+    (["--ours", "fa2"], r"--ours: unknown implementation\(s\) \['fa2'\]"),
+])
+def test_ratio_names_must_be_implementations(argv, message, capsys):
+  """A misspelled --baseline or --ours is an error naming the flag, not a
+  ratio column of "-"."""
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(argv)
+  assert re.search(message, capsys.readouterr().err)
+  args = benchmark.parse_args(["--baseline", "cudnn,tokamax-mosaic",
+                               "--ours", "fa2-mosaic"])
+  assert args.baseline == "cudnn,tokamax-mosaic" and args.ours == "fa2-mosaic"

@@ -118,6 +118,11 @@ def available(on_gpu: bool) -> list[str]:
   return names
 
 
+def names() -> tuple:
+  """Every implementation name a benchmark can time (installed or not)."""
+  return tuple(_FACTORIES)
+
+
 def attention_fn(name: str, *, is_causal: bool, interpret: bool = False,
                  block_sizes=None, **mask_kwargs):
   """(q, k, v) -> out for an implementation name."""
