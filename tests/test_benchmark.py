@@ -71,9 +71,11 @@ def test_short_calls_are_timed_over_a_longer_run():
   assert len(counts) == 1 + 2 and seconds >= 0.001  # one warm-up set
   counts.clear()
   seconds = timing.time_calls(step, sets, calls=2, trials=3, min_run_s=0.02)
-  # 1 warm-up, 2 to estimate, then 3 runs of >= 0.02 s / ~1.1 ms calls.
+  # 1 warm-up, 2 to estimate, then 3 runs of ~0.02 s / ~1.1 ms calls: at
+  # least 5, not 2 (a host stall in the estimate, as on a busy 2-core CI
+  # machine, has made it ~3x too long: 7 calls a run), at most 21.
   runs = (len(counts) - 3) / 3
-  assert 10 <= runs <= 21 and 0.001 <= seconds < 0.002, (runs, seconds)
+  assert 5 <= runs <= 21 and 0.001 <= seconds < 0.002, (runs, seconds)
 
 
 def test_ratio_is_to_the_fastest_of_several_baselines():
