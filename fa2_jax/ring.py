@@ -37,6 +37,7 @@ from fa2_jax.autodiff import KernelConfig, run_backward, run_forward
 from fa2_jax.reference import reference_attention
 from pallas_kernels.dropout import DropoutRule
 from pallas_kernels.mask import MaskRule
+from pallas_kernels.outputs import row_delta
 from pallas_kernels.scores import ScoreRule
 
 # How query chunk i relates to key chunk j under is_causal.
@@ -235,8 +236,7 @@ def _ring_backward(q, k, v, out, lse, do, *, axis_name, is_causal, layout,
   index = lax.axis_index(axis_name)
   pair = functools.partial(_pair_backward, scale=scale,
                            implementation=implementation, interpret=interpret)
-  delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  delta = delta.transpose(0, 2, 1)
+  delta = row_delta(out, do)
   do = do.astype(q.dtype)
   dq = jnp.zeros(q.shape, jnp.float32)
   dk = jnp.zeros(k.shape, jnp.float32)
