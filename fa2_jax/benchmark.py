@@ -233,11 +233,13 @@ def parse_args(argv):
   # The ratio column's names: implementations this benchmark knows, or, with
   # --compare, those in that file (a typo would leave the column all "-").
   known = set(implementations.names())
-  if args.compare:
+  args.compare_rows = None
+  if args.compare:  # read once, here
     with open(args.compare) as f:
-      known |= {r["impl"] for r in json.load(f)["rows"]}
+      args.compare_rows = json.load(f)["rows"]
+    known |= {r["impl"] for r in args.compare_rows}
   for flag, value in (("--baseline", args.baseline), ("--ours", args.ours)):
-    unknown = [n for n in (value or "").split(",") if value and n not in known]
+    unknown = [n for n in (value.split(",") if value else []) if n not in known]
     if unknown:
       parser.error(f"{flag}: unknown implementation(s) {unknown}; expected "
                    f"names from {sorted(known)}")
@@ -254,8 +256,7 @@ def main(argv=None):
   # most of the GPU up front (JAX's default), or they would starve.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   if args.compare:
-    with open(args.compare) as f:
-      rows = json.load(f)["rows"]
+    rows = args.compare_rows
     mem = [r for r in rows if r.get("kind") == "memory"]
     speed = [r for r in rows if r.get("kind") != "memory"]
     write_plots(speed, mem, args.output_dir, timing.PASSES,
