@@ -181,9 +181,20 @@ def write_plots(rows, mem_rows, output_dir, passes, title=""):
   for pass_ in passes:
     plots.speed_figure(rows, pass_, os.path.join(
         output_dir, f"speed_{pass_.replace('+', '_')}.png"), title)
-  if mem_rows is not None:
+  if mem_rows:
     plots.memory_figure(mem_rows, os.path.join(output_dir, "memory.png"),
                         title)
+
+
+def show_results(rows, mem_rows, args, passes, title):
+  """Writes the plots (`write_plots`) and prints the ratio tables of the
+  speed rows and the memory table."""
+  write_plots(rows, mem_rows, args.output_dir, passes, title)
+  if rows:
+    print(report.ratio_tables(rows, baseline=args.baseline, ours=args.ours))
+  if mem_rows:
+    print()
+    print(report.memory_table(mem_rows))
 
 
 def _ints(text):
@@ -259,14 +270,8 @@ def main(argv=None):
     rows = args.compare_rows
     mem = [r for r in rows if r.get("kind") == "memory"]
     speed = [r for r in rows if r.get("kind") != "memory"]
-    write_plots(speed, mem, args.output_dir, timing.PASSES,
-                title=f"({rows[0].get('device', '')})" if rows else "")
-    if speed:
-      print(report.ratio_tables(speed, baseline=args.baseline,
-                                       ours=args.ours))
-    if mem:
-      print()
-      print(report.memory_table(mem))
+    show_results(speed, mem, args, timing.PASSES,
+         title=f"({rows[0].get('device', '')})" if rows else "")
     return rows
   on_gpu = jax.default_backend() == "gpu"
   interpret = not on_gpu
@@ -311,15 +316,8 @@ def main(argv=None):
                         passes=passes, **case_kwargs)
   with open(os.path.join(args.output_dir, "results.json"), "w") as f:
     json.dump(dict(environment=env, rows=rows + mem_rows), f, indent=1)
-  write_plots(rows, mem_rows if not args.no_memory else None,
-              args.output_dir, passes,
-              title=f"({env['device']}, {jnp.dtype(dtype).name})")
-  if rows:
-    print(report.ratio_tables(rows, baseline=args.baseline,
-                                     ours=args.ours))
-  if mem_rows:
-    print()
-    print(report.memory_table(mem_rows))
+  show_results(rows, mem_rows, args, passes,
+       title=f"({env['device']}, {jnp.dtype(dtype).name})")
   return rows + mem_rows
 
 

@@ -39,6 +39,22 @@ def test_quick_writes_json_and_plots(tmp_path, capsys):
                   "--output-dir", str(tmp_path / "compare")])
   table = capsys.readouterr().out
   assert "fa2-triton / xla" in table and "| 128 | 64 | True | bwd |" in table
+  assert (tmp_path / "compare" / "memory.png").exists()
+
+
+def test_no_memory_writes_no_memory_plot(tmp_path, capsys):
+  """--no-memory: speed plots only, and --compare of those results draws
+  no empty memory figure either."""
+  out = tmp_path / "quick"
+  benchmark.main(["--quick", "--no-memory", "--output-dir", str(out),
+                  "--seq-lens", "128", "--causal", "false", "--passes",
+                  "fwd", "--impls", "xla"])
+  assert (out / "speed_fwd.png").exists()
+  assert not (out / "memory.png").exists()
+  benchmark.main(["--compare", str(out / "results.json"), "--baseline", "xla",
+                  "--output-dir", str(tmp_path / "compare")])
+  assert not (tmp_path / "compare" / "memory.png").exists()
+  assert "| 128 | 64 | False | fwd |" in capsys.readouterr().out
 
 
 def test_flop_counts_follow_the_paper():
