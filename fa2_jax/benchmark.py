@@ -271,7 +271,7 @@ def main(argv=None):
     mem = [r for r in rows if r.get("kind") == "memory"]
     speed = [r for r in rows if r.get("kind") != "memory"]
     show_results(speed, mem, args, timing.PASSES,
-         title=f"({rows[0].get('device', '')})" if rows else "")
+                 title=f"({rows[0].get('device', '')})" if rows else "")
     return rows
   on_gpu = jax.default_backend() == "gpu"
   interpret = not on_gpu
@@ -317,7 +317,7 @@ def main(argv=None):
   with open(os.path.join(args.output_dir, "results.json"), "w") as f:
     json.dump(dict(environment=env, rows=rows + mem_rows), f, indent=1)
   show_results(rows, mem_rows, args, passes,
-       title=f"({env['device']}, {jnp.dtype(dtype).name})")
+               title=f"({env['device']}, {jnp.dtype(dtype).name})")
   return rows + mem_rows
 
 
