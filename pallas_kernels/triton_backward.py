@@ -125,19 +125,12 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
   """
   opt, out_refs = tiles.split_optional_refs(refs, mask=mask, score=score,
                                             dropout=dropout)
-  segs = opt.segs
-  slope = None if opt.slope is None else opt.slope[()]
-  q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
-  stream = tiles.dropout_base(opt, dropout, pl.program_id(1),
-                              pl.program_id(2))
-  head_dim_padded = q_ref.shape[-1]
-  rows = tiles.indices(q_block * block_q, block_q)
-  q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
+  tile = tiles.query_tile(q_ref, opt, mask=mask, dropout=dropout,
+                          block_q=block_q, head_dim=head_dim)
+  rows, precision = tile.rows, tile.precision
   do = tiles.load_tile(do_ref, rows, mask.seq_len_q, head_dim)
   lse2 = _load_lse2(lse_ref, rows, mask.seq_len_q)
   delta = tiles.load_row_stats(delta_ref, rows, mask.seq_len_q, other=0.0)
-  precision = tiles.dot_precision(q_ref.dtype)
-  q_seg = tiles.load_query_segments(segs, rows, mask)
 
   def step(k_block, dq, *, masked: bool):
     cols = tiles.indices(k_block * block_k, block_k)
@@ -145,22 +138,15 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     bound = mask.seq_len_k if masked else None
     k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
     v = tiles.load_tile(v_ref.at[kv_rows], cols, bound, head_dim)
-    alibi = None if slope is None else score.alibi_bias(
-        slope, rows[:, None], cols[None, :])
-    bias = tiles.load_bias_tile(opt.bias, rows, cols, mask, k_at=kv_rows)
-    s, tanh_t = score.logits_log2(
-        plgpu.dot(q, k, trans_b=True, precision=precision), alibi, bias)
+    s, tanh_t = tiles.query_scores(tile, k, cols, kv_rows, opt, mask=mask,
+                                   score=score)
     p = jnp.exp2(s - lse2[:, None])
     if masked:
-      kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
-      mask_tile = tiles.load_pair_tile(opt.mask_array, rows, cols, mask,
-                                       other=False, k_at=kv_rows)
-      visible = tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg,
-                                      mask_tile)
-      p = jnp.where(visible, p, 0.0)
+      p = jnp.where(tiles.query_visibility(tile, cols, kv_rows, opt,
+                                           mask=mask), p, 0.0)
     dp = tiles.apply_dropout(plgpu.dot(do, v, trans_b=True,
                                        precision=precision),
-                             dropout, stream, rows, cols)
+                             dropout, tile.stream, rows, cols)
     ds = score.through_cap(p * (dp - delta[:, None]), tanh_t)
     if emit_ds:
       ok = jnp.logical_and((rows < mask.seq_len_q)[:, None],
@@ -171,8 +157,8 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
     return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
   bounds = tiles.clamp_to_segments(
-      mask.key_blocks(q_block, block_q, block_k), segs)
-  dq = jnp.zeros((block_q, head_dim_padded), jnp.float32)
+      mask.key_blocks(tile.block, block_q, block_k), opt.segs)
+  dq = jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32)
   dq = tiles.visit_blocks(bounds, step, dq, **mask.key_loops())
   if not emit_ds:
     tiles.store_tile(out_refs[0], dq * score.scale, rows, mask.seq_len_q,

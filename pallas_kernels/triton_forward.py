@@ -32,16 +32,9 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
   """
   opt, (o_ref, lse_ref) = tiles.split_optional_refs(
       refs, mask=mask, score=score, dropout=dropout)
-  segs = opt.segs
-  slope = None if opt.slope is None else opt.slope[()]
-  q_block = tiles.heavy_first(pl.program_id(0), pl.num_programs(0))
-  stream = tiles.dropout_base(opt, dropout, pl.program_id(1),
-                              pl.program_id(2))
-  head_dim_padded = q_ref.shape[-1]
-  rows = tiles.indices(q_block * block_q, block_q)
-  q = tiles.load_tile(q_ref, rows, mask.seq_len_q, head_dim)
-  precision = tiles.dot_precision(q_ref.dtype)
-  q_seg = tiles.load_query_segments(segs, rows, mask)
+  tile = tiles.query_tile(q_ref, opt, mask=mask, dropout=dropout,
+                          block_q=block_q, head_dim=head_dim)
+  rows = tile.rows
 
   def step(k_block, carry, *, masked: bool):
     acc, m_i, l_i = carry
@@ -51,18 +44,11 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
     bound = mask.seq_len_k if masked else None
     k = tiles.load_tile(k_ref.at[kv_rows], cols, bound, head_dim)
     # Logits in base 2 (e^x = 2^(x log2 e)), soft-capped and ALiBi if asked.
-    alibi = None if slope is None else score.alibi_bias(
-        slope, rows[:, None], cols[None, :])
-    bias = tiles.load_bias_tile(opt.bias, rows, cols, mask, k_at=kv_rows)
-    s, _ = score.logits_log2(
-        plgpu.dot(q, k, trans_b=True, precision=precision), alibi, bias)
+    s, _ = tiles.query_scores(tile, k, cols, kv_rows, opt, mask=mask,
+                              score=score)
     if masked:
-      kv_seg = tiles.load_key_segments(segs, cols, mask, at=kv_rows)
-      mask_tile = tiles.load_pair_tile(opt.mask_array, rows, cols, mask,
-                                       other=False, k_at=kv_rows)
-      visible = tiles.tile_visibility(mask, rows, cols, q_seg, kv_seg,
-                                      mask_tile)
-      s = jnp.where(visible, s, -jnp.inf)
+      s = jnp.where(tiles.query_visibility(tile, cols, kv_rows, opt,
+                                           mask=mask), s, -jnp.inf)
     # -- update m_i and l_i (Algorithm 1, lines 9-10)
     m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
     # A row that has seen no visible key yet keeps m = -inf; subtract 0 then.
@@ -71,20 +57,20 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, mask: MaskRule,
     p = jnp.exp2(s - m_ref[:, None])
     l_i = alpha * l_i + jnp.sum(p, axis=1)  # of the undropped softmax
     # Dropped entries leave P here; 1/(1-rate) waits for the final rescale.
-    p = tiles.apply_dropout(p, dropout, stream, rows, cols, scale=False)
+    p = tiles.apply_dropout(p, dropout, tile.stream, rows, cols, scale=False)
     # -- update the unnormalized output (Algorithm 1, line 10)
     v = tiles.load_tile(v_ref.at[kv_rows], cols, bound, head_dim)
     acc = alpha[:, None] * acc + plgpu.dot(
-        p.astype(v.dtype), v, precision=precision)
+        p.astype(v.dtype), v, precision=tile.precision)
     return acc, m_new, l_i
 
   carry = (
-      jnp.zeros((block_q, head_dim_padded), jnp.float32),
+      jnp.zeros((block_q, q_ref.shape[-1]), jnp.float32),
       jnp.full((block_q,), -jnp.inf, jnp.float32),
       jnp.zeros((block_q,), jnp.float32),
   )
   bounds = tiles.clamp_to_segments(
-      mask.key_blocks(q_block, block_q, block_k), segs)
+      mask.key_blocks(tile.block, block_q, block_k), opt.segs)
   acc, m_i, l_i = tiles.visit_blocks(bounds, step, carry, **mask.key_loops())
 
   # -- one final rescale (Algorithm 1, line 12); rows that saw nothing give 0.

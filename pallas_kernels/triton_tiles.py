@@ -278,6 +278,56 @@ def tile_visibility(mask, rows, cols, q_seg=None, kv_seg=None, mask_tile=None,
   return mask.visible(r, c, *segs, mask_tile=mask_tile)
 
 
+class QueryTile(NamedTuple):
+  """What a query-major kernel (the forward, the dQ kernel) holds for its
+  [block_q] query rows: `query_tile`."""
+  block: Any  # the query block this program computes (heaviest first)
+  rows: Any  # [block_q] row indices
+  q: Any  # [block_q, Hp] the Q tile
+  slope: Any  # the 0-d ALiBi slope, or None
+  stream: Any  # the dropout stream's base, or None
+  q_seg: Any  # [block_q] segment ids, or None
+  precision: Any  # of every dot
+
+
+def query_tile(q_ref, opt: OptionalRefs, *, mask, dropout,
+               block_q: int, head_dim: int) -> QueryTile:
+  """The query rows of this program (grid: query block, batch, head)."""
+  block = heavy_first(pl.program_id(0), pl.num_programs(0))
+  rows = indices(block * block_q, block_q)
+  return QueryTile(
+      block=block, rows=rows,
+      q=load_tile(q_ref, rows, mask.seq_len_q, head_dim),
+      slope=None if opt.slope is None else opt.slope[()],
+      stream=dropout_base(opt, dropout, pl.program_id(1), pl.program_id(2)),
+      q_seg=load_query_segments(opt.segs, rows, mask),
+      precision=dot_precision(q_ref.dtype))
+
+
+def query_scores(tile: QueryTile, k, cols, kv_rows, opt: OptionalRefs, *,
+                 mask, score):
+  """(base-2 logits [block_q, block_k], tanh term) of Q K^T for key block
+  `kv_rows` (indices `cols`), with ALiBi and the bias (`ScoreRule.
+  logits_log2`)."""
+  alibi = None if tile.slope is None else score.alibi_bias(
+      tile.slope, tile.rows[:, None], cols[None, :])
+  bias = load_bias_tile(opt.bias, tile.rows, cols, mask, k_at=kv_rows)
+  return score.logits_log2(
+      plgpu.dot(tile.q, k, trans_b=True, precision=tile.precision), alibi,
+      bias)
+
+
+def query_visibility(tile: QueryTile, cols, kv_rows, opt: OptionalRefs, *,
+                     mask):
+  """[block_q, block_k] bool: which (query, key) pairs of a masked block
+  are visible (segments and the mask array included)."""
+  kv_seg = load_key_segments(opt.segs, cols, mask, at=kv_rows)
+  mask_tile = load_pair_tile(opt.mask_array, tile.rows, cols, mask,
+                             other=False, k_at=kv_rows)
+  return tile_visibility(mask, tile.rows, cols, tile.q_seg, kv_seg,
+                         mask_tile)
+
+
 def segment_inputs(segments, *, block_q: int, block_k: int, seq_len_q: int,
                    seq_len_k: int, query_major: bool, q_block=lambda i: i):
   """BlockSpecs and arrays that feed `SegmentRefs` to a kernel.
