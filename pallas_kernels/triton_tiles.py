@@ -5,6 +5,10 @@ run past an array's edge, so every load and store of a tile that may cross the
 sequence end (rows) or the true head_dim (columns, padded to a power of two)
 carries an explicit mask. In interpret mode Pallas pads such blocks with NaN,
 so a missing mask shows up as NaN in the tests.
+
+The query-major kernels (forward, dQ) also share their query tile's setup and
+its per-block logits and visibility here (`query_tile`, `query_scores`,
+`query_visibility`).
 """
 import functools
 from typing import Any, NamedTuple
