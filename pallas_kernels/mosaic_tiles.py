@@ -293,8 +293,8 @@ def check_smem(scratch, *, kernel: str, head_dim: int, blocks: "MosaicBlocks",
   """NotImplementedError naming the MosaicBlocks `fields` that size the
   kernel's shared memory where its scratch does not fit in a CTA's (rather
   than Mosaic GPU's error when it compiles)."""
-  need, limit = smem_bytes(scratch), smem_limit()
-  if need > limit:
+  if not fits_smem(scratch):  # the rule in one place; sized again to say so
+    need, limit = smem_bytes(scratch), smem_limit()
     named = ", ".join(f"{f}={getattr(blocks, f)}" for f in fields)
     raise NotImplementedError(
         f"MosaicBlocks({named}) needs {need} bytes of shared memory in the "
