@@ -551,6 +551,13 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
 # at head_dim 128, 256 steps: 481 TFLOP/s persistent vs 491 one CTA per
 # tile on an H100; benchmarks/NOTES.md item 17).
 MAX_PERSISTENT_STEPS = 64
+# The share of a persistent dK/dV kernel's tiles that run one per CTA after
+# the persistent CTAs (`schedule.with_tail`), taken by the SMs that finish
+# first: a static schedule waits on the slowest SMs (6% past the mean under
+# a 1k window at head_dim 64 on an H100). dK/dV under that window, CUPTI:
+# 569-574 us with none, 560 with 2%, 551-553 with 3%, 536-546 with 5%,
+# 549-557 with 10%, 550-552 with 15% (benchmarks/NOTES.md item 61).
+DKDV_TAIL_FRACTION = 0.05
 # The dQ kernel runs persistent (`mt.Tiles`; at head_dim 64 with the next
 # tile's Q and dO loading during this one) where its query tiles average
 # at most this many key blocks: 1k tokens, windows, packed documents (H100,
@@ -853,7 +860,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                       2 * mt.CONSUMERS * blocks.block_k_dkv,
                       2 * blocks.stages * blocks.block_q_dkv, hp, q.dtype)
                   and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
-      last_first=order == UP)
+      last_first=order == UP, tail_fraction=DKDV_TAIL_FRACTION)
   dkdv_scratch = _dkdv_scratch(mask, blocks, hp, q.dtype, split,
                                2 if dkdv_tiles.persistent else 1)
   mt.check_smem(dkdv_scratch, kernel="dK/dV kernel" + (

@@ -330,8 +330,10 @@ class Tiles:
   mask; the first key tile is seen by the most queries), so the tiles that
   read the same K and V (or Q and dO) run together. With one CTA per tile
   (`lists` None) the hardware schedules them in that order; with fewer
-  (persistent), CTA c runs the items of `lists[c]` (`schedule.balanced`),
-  which the kernel reads from its "schedule" input (`inputs`, `bind`).
+  (persistent), CTA c runs the items of `lists[c]` (`schedule.balanced`;
+  with a tail, one CTA per SM and then single-item CTAs:
+  `schedule.with_tail`), which the kernel reads from its "schedule" input
+  (`inputs`, `bind`).
   """
   num_tiles: int
   num_heads: int
@@ -344,9 +346,12 @@ class Tiles:
 
   @classmethod
   def make(cls, costs, num_heads: int, batch: int, *, persistent: bool,
-           last_first: bool = True, max_mean_varied=None) -> "Tiles":
+           last_first: bool = True, max_mean_varied=None,
+           tail_fraction: float = 0.0) -> "Tiles":
     """costs[i]: the blocks tile i visits (its work); `max_mean_varied`
-    (if not None) replaces `MAX_MEAN_COST_VARIED`."""
+    (if not None) replaces `MAX_MEAN_COST_VARIED`; where persistent, the
+    last `tail_fraction` of the items run one per CTA after the persistent
+    CTAs (`schedule.with_tail`)."""
     num, sms = len(costs), num_sms()
     limit = (MAX_MEAN_COST_VARIED if max_mean_varied is None
              else max_mean_varied)
@@ -356,8 +361,10 @@ class Tiles:
       return one_per_tile
     if max(costs) > min(costs) and sum(costs) > limit * num:
       return one_per_tile
-    lists = schedule.balanced(one_per_tile.item_costs(costs), sms)
-    return cls(num, num_heads, batch, sms, last_first, lists)
+    item_costs = one_per_tile.item_costs(costs)
+    tail = min(int(tail_fraction * len(item_costs)), len(item_costs) - sms)
+    lists = schedule.with_tail(item_costs, sms, tail)
+    return cls(num, num_heads, batch, len(lists), last_first, lists)
 
   @classmethod
   def one_per_tile(cls, num_tiles: int, num_heads: int, batch: int, *,

@@ -21,6 +21,12 @@ snake order and 1% with the swaps.
 
 Each CTA runs its items in the given order. Costs are Python ints (blocks a
 tile visits); every item also pays `TILE_FIXED_COST`.
+
+A static schedule balances the cost model, not the SMs: on an H100 the
+window's dK/dV kernel ran 6% longer on its slowest SMs than on average, the
+same SMs from run to run (benchmarks/NOTES.md item 61). `with_tail` leaves
+the last items to single-item CTAs launched after the persistent ones, so
+that the SMs that finish first take them.
 """
 import bisect
 import functools
@@ -101,3 +107,14 @@ def _balanced(costs: tuple, num_ctas: int) -> tuple:
   costs = [c + TILE_FIXED_COST for c in costs]
   lists = _rebalance(snake(len(costs), num_ctas), costs)
   return tuple(tuple(items) for items in lists)
+
+
+def with_tail(costs, num_ctas: int, tail: int) -> tuple:
+  """`balanced` lists of the first len(costs) - tail items for num_ctas
+  CTAs, then one single-item list per remaining item (in order): CTAs
+  num_ctas and on, which the hardware starts on the SMs that free first."""
+  if not 0 <= tail <= len(costs) - num_ctas:
+    raise ValueError(f"tail must be in [0, {len(costs) - num_ctas}] (items "
+                     f"past one per CTA), got {tail}")
+  head = balanced(costs[:len(costs) - tail], num_ctas)
+  return head + tuple((i,) for i in range(len(costs) - tail, len(costs)))

@@ -598,20 +598,28 @@ def test_combined_variants(hopper):
                             implementation="mosaic")
 
 
+@pytest.mark.parametrize("tail_fraction", [0.0, 0.05, 0.5])
 @pytest.mark.parametrize("last_first", [True, False])
 @pytest.mark.parametrize("grid", [(5, 3, 2, 7), (4, 2, 1, 3), (3, 1, 1, 3),
                                   (128, 16, 1, 132), (8, 16, 16, 132)])
-def test_persistent_schedule(grid, last_first, monkeypatch):
+def test_persistent_schedule(grid, last_first, tail_fraction, monkeypatch):
   """Every (tile, head, batch) runs exactly once, each CTA's tiles of a head
   heaviest first (causal: the last query tile, the first key tile), and
-  the kernel's walk of the "schedule" table is the planned lists."""
+  the kernel's walk of the "schedule" table is the planned lists; a tail
+  adds single-item CTAs after one per SM."""
   num_tiles, heads, batch, sms = grid
   monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: sms)
   monkeypatch.setattr(mosaic_tiles, "MAX_MEAN_COST_VARIED", 10**9)
   costs = [i + 1 if last_first else num_tiles - i for i in range(num_tiles)]
   tiles = mosaic_tiles.Tiles.make(costs, heads, batch, persistent=True,
-                                  last_first=last_first)
-  assert tiles.persistent == (num_tiles * heads * batch > sms)
+                                  last_first=last_first,
+                                  tail_fraction=tail_fraction)
+  total = num_tiles * heads * batch
+  assert tiles.persistent == (total > sms)
+  if tiles.persistent:
+    tail = min(int(tail_fraction * total), total - sms)
+    assert tiles.num_ctas == sms + tail
+    assert all(len(items) == 1 for items in tiles.lists[sms:])
   kernel_tiles = tiles.bind({"schedule": tiles.table()
                              if tiles.persistent else None})
   seen, work = [], []

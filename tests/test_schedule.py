@@ -55,3 +55,20 @@ def test_balanced_lists(seed):
   assert list(map(len, lists)) == list(map(len, snake))
   fixed = [c + schedule.TILE_FIXED_COST for c in costs]
   assert makespan(lists, fixed) <= makespan(snake, fixed)
+
+
+@pytest.mark.parametrize("items,ctas,tail", [(600, 132, 30), (140, 132, 8),
+                                             (50, 7, 0), (20, 3, 17)])
+def test_with_tail(items, ctas, tail):
+  """The first items balanced over ctas lists, then each tail item alone,
+  in order: every item exactly once."""
+  costs = [(7 * i) % 10 for i in range(items)]
+  lists = schedule.with_tail(costs, ctas, tail)
+  assert lists[:ctas] == schedule.balanced(costs[:items - tail], ctas)
+  assert lists[ctas:] == tuple((i,) for i in range(items - tail, items))
+  assert sorted(i for items_ in lists for i in items_) == list(range(items))
+
+
+def test_with_tail_leaves_every_cta_an_item():
+  with pytest.raises(ValueError, match=r"tail must be in \[0, 8\].*got 9"):
+    schedule.with_tail([1] * 140, 132, 9)
