@@ -558,6 +558,10 @@ MAX_PERSISTENT_STEPS = 64
 # 569-574 us with none, 560 with 2%, 551-553 with 3%, 536-546 with 5%,
 # 549-557 with 10%, 550-552 with 15% (benchmarks/NOTES.md item 61).
 DKDV_TAIL_FRACTION = 0.05
+# ... where the key tiles average at most this many steps (the window's 9;
+# tiles as short as 1k tokens' or packed documents' too). Longer ones, as at
+# 4k head_dim 128 (64 steps, ~8 tiles per SM), were not measured with it.
+MAX_TAIL_STEPS = 16
 # The dQ kernel runs persistent (`mt.Tiles`; at head_dim 64 with the next
 # tile's Q and dO loading during this one) where its query tiles average
 # at most this many key blocks: 1k tokens, windows, packed documents (H100,
@@ -565,6 +569,13 @@ DKDV_TAIL_FRACTION = 0.05
 # vs 348; a 1k window at 16k 1.457-1.462 vs 1.485-1.492 ms; unmasked 1k
 # level; benchmarks/NOTES.md item 44).
 MAX_PERSISTENT_DQ_STEPS = 16
+
+
+def _tail_fraction(key_costs: list) -> float:
+  """The dK/dV launch's single-item tail (`DKDV_TAIL_FRACTION` where its
+  key tiles average at most `MAX_TAIL_STEPS` steps, else none)."""
+  short = sum(key_costs) <= MAX_TAIL_STEPS * len(key_costs)
+  return DKDV_TAIL_FRACTION if short else 0.0
 
 
 def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
@@ -860,7 +871,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                       2 * mt.CONSUMERS * blocks.block_k_dkv,
                       2 * blocks.stages * blocks.block_q_dkv, hp, q.dtype)
                   and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
-      last_first=order == UP, tail_fraction=DKDV_TAIL_FRACTION)
+      last_first=order == UP, tail_fraction=_tail_fraction(key_costs))
   dkdv_scratch = _dkdv_scratch(mask, blocks, hp, q.dtype, split,
                                2 if dkdv_tiles.persistent else 1)
   mt.check_smem(dkdv_scratch, kernel="dK/dV kernel" + (

@@ -678,6 +678,21 @@ def test_causal_forward_persistent(seq_len, head_dim, persistent,
   assert tiles.persistent == persistent
 
 
+@pytest.mark.parametrize("seq_len,window,head_dim,tail", [
+    (16384, 1024, 64, mosaic_backward.DKDV_TAIL_FRACTION),  # 9 steps a tile
+    (4096, None, 128, 0.0),  # no mask, 64 steps a tile: not measured
+])
+def test_dkdv_tail_only_for_short_tiles(seq_len, window, head_dim, tail):
+  """The dK/dV launch's single-item tail (benchmarks/NOTES.md item 61) is
+  taken only where key tiles are short, as where it was measured."""
+  rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len,
+                  is_causal=window is not None, window_left=window)
+  blocks = fa2_jax.default_mosaic_blocks(head_dim, masked=window is not None)
+  num_k_tiles = seq_len // (mosaic_tiles.CONSUMERS * blocks.block_k_dkv)
+  costs = mosaic_backward._key_tile_costs(rule, num_k_tiles, blocks, group=1)
+  assert mosaic_backward._tail_fraction(costs) == tail
+
+
 def test_key_tiles_heaviest_first():
   """The dK/dV kernel's tiles in ascending order are heaviest first under a
   causal mask (`Tiles(last_first=False)`), and its plan counts every step:
