@@ -574,8 +574,8 @@ MAX_PERSISTENT_DQ_STEPS = 16
 def _tail_fraction(key_costs: list) -> float:
   """The dK/dV launch's single-item tail (`DKDV_TAIL_FRACTION` where its
   key tiles average at most `MAX_TAIL_STEPS` steps, else none)."""
-  short = sum(key_costs) <= MAX_TAIL_STEPS * len(key_costs)
-  return DKDV_TAIL_FRACTION if short else 0.0
+  return (DKDV_TAIL_FRACTION if mt.mean_at_most(key_costs, MAX_TAIL_STEPS)
+          else 0.0)
 
 
 def _key_tile_costs(mask: MaskRule, num_k_tiles: int,
@@ -758,7 +758,7 @@ def _dq_tiles(mask: MaskRule, blocks: mt.MosaicBlocks, num_q_tiles: int,
   return mt.Tiles.make(
       costs, num_heads, batch,
       persistent=(blocks.persistent
-                  and sum(costs) <= MAX_PERSISTENT_DQ_STEPS * num_q_tiles))
+                  and mt.mean_at_most(costs, MAX_PERSISTENT_DQ_STEPS)))
 
 
 def _dq_scratch(mask, blocks, hp: int, dtype, q_slots: int,
@@ -870,7 +870,7 @@ def backward(q, k, v, do, lse, delta, segments=None, *, mask: MaskRule,
                   and mt.fits_two_slots(
                       2 * mt.CONSUMERS * blocks.block_k_dkv,
                       2 * blocks.stages * blocks.block_q_dkv, hp, q.dtype)
-                  and sum(key_costs) <= MAX_PERSISTENT_STEPS * num_k_tiles),
+                  and mt.mean_at_most(key_costs, MAX_PERSISTENT_STEPS)),
       last_first=order == UP, tail_fraction=_tail_fraction(key_costs))
   dkdv_scratch = _dkdv_scratch(mask, blocks, hp, q.dtype, split,
                                2 if dkdv_tiles.persistent else 1)

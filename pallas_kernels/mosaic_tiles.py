@@ -886,6 +886,12 @@ def tile_costs(block_range, num_tiles: int) -> list:
   return [max(r[3] - r[0], 0) for r in map(block_range, range(num_tiles))]
 
 
+def mean_at_most(costs, limit) -> bool:
+  """Whether `tile_costs` average at most `limit` blocks per tile (the
+  persistence and tail thresholds of the kernels)."""
+  return sum(costs) <= limit * len(costs)
+
+
 def query_major_kernel(args, names, consumer, *, mask: MaskRule,
                        blocks: MosaicBlocks, group: int, tiles: Tiles):
   """The body of a kernel parallel over query tiles (forward, dQ), grid
