@@ -61,12 +61,12 @@ VARIANTS = {
 def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
              block_sizes=None, tokens=TOKENS, hidden=HIDDEN, batch=None,
              heads=None, variant=None, interpret=False, calls=10, trials=5,
-             min_run_s=timing.MIN_RUN_S):
+             min_run_s=timing.MIN_RUN_S, sustain_s=0.0):
   """Times one case; returns its row (with "error" if it failed).
 
   `variant` names an entry of VARIANTS; its TFLOP/s use the dense (or
   causal) FLOP count, so skipped blocks show up as speed. `calls`, `trials`,
-  `min_run_s`: as in `timing.time_calls`.
+  `min_run_s`, `sustain_s`: as in `timing.time_calls`.
   """
   batch = batch or max(1, tokens // seq_len)
   heads = heads or max(1, hidden // head_dim)
@@ -74,6 +74,8 @@ def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
              heads=heads, causal=is_causal, pass_=pass_,
              dtype=jnp.dtype(dtype).name, **environment())
   mask_kwargs = {}
+  if sustain_s:
+    row["sustain_s"] = sustain_s
   if variant is not None:
     row["variant"] = variant
     mask_kwargs = VARIANTS[variant](batch, seq_len)
@@ -87,7 +89,7 @@ def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
     seconds = timing.time_case(fn, pass_, batch=batch, seq_len=seq_len,
                                heads=heads, head_dim=head_dim, dtype=dtype,
                                calls=calls, trials=trials,
-                               min_run_s=min_run_s)
+                               min_run_s=min_run_s, sustain_s=sustain_s)
     row["ms"] = seconds * 1e3
     row["tflops"] = timing.flops(batch, seq_len, heads, head_dim,
                                  is_causal=is_causal, pass_=pass_) / seconds / 1e12
@@ -223,6 +225,12 @@ def parse_args(argv):
   parser.add_argument("--memory-seq-lens", type=_ints,
                       default=MEMORY_SEQ_LENS)
   parser.add_argument("--memory-head-dim", type=int, default=128)
+  parser.add_argument("--sustain-s", type=float, default=0.0,
+                      help="seconds of untimed calls before each case's "
+                      "timed runs, so that it is timed at the clocks its own "
+                      "load holds (an H100 under attention reaches its 700 W "
+                      "cap within a second); default 0: after two warm-up "
+                      "calls, at whatever clocks the last case left")
   parser.add_argument("--no-memory", action="store_true")
   parser.add_argument("--no-speed", action="store_true")
   parser.add_argument("--quick", action="store_true",
@@ -283,7 +291,8 @@ def main(argv=None):
   dtype = jnp.dtype(args.dtype)
   case_kwargs = dict(dtype=dtype, tokens=args.tokens, hidden=args.hidden,
                      batch=args.batch, heads=args.heads, interpret=interpret,
-                     calls=calls, trials=trials, min_run_s=min_run_s)
+                     calls=calls, trials=trials, min_run_s=min_run_s,
+                     sustain_s=args.sustain_s)
   passes = args.passes.split(",")
   os.makedirs(args.output_dir, exist_ok=True)
   env = environment()

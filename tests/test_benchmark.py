@@ -94,6 +94,27 @@ def test_short_calls_are_timed_over_a_longer_run():
   assert 5 <= runs <= 21 and 0.001 <= seconds < 0.002, (runs, seconds)
 
 
+def test_sustain_runs_untimed_calls_before_the_timed_runs():
+  """`sustain_s`: the case runs for that long, over every input set, before
+  its timed runs start (the GPU at its own load's clocks), and the time is
+  still per call, not stretched by those calls."""
+  calls = []
+
+  def step(x):
+    calls.append((time.perf_counter(), float(x)))
+    time.sleep(0.002)
+    return x
+
+  sets = [(jnp.zeros(()),), (jnp.ones(()),)]
+  start = time.perf_counter()
+  seconds = timing.time_calls(step, sets, calls=2, trials=1, min_run_s=0.0,
+                              sustain_s=0.05)
+  sustained = [x for t, x in calls[2:-2]]  # between warm-up and timed run
+  assert time.perf_counter() - start >= 0.05
+  assert len(sustained) >= 0.05 / 0.004 and set(sustained) == {0.0, 1.0}
+  assert 0.002 <= seconds < 0.01, seconds
+
+
 def test_ratio_is_to_the_fastest_of_several_baselines():
   """`--baseline cudnn,tokamax-mosaic`: each row's ratio is to the faster of
   the two there (the issue's bar), and a failed baseline does not count."""

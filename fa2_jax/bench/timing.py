@@ -61,14 +61,28 @@ def step_and_args(fn, pass_, q, k, v, dout):
 MIN_RUN_S = 0.025
 
 
-def time_calls(step, arg_sets, *, calls=10, trials=5, min_run_s=MIN_RUN_S):
+def sustain(step, arg_sets, seconds):
+  """Calls step over `arg_sets` for `seconds`, untimed: the GPU reaches the
+  clocks it holds under this case's own load. An H100 at its 700 W cap
+  drops from 1980 MHz to 1.4-1.8 GHz within a fraction of a second, by how
+  much depending on the kernel, so without this a case's time depends on
+  what ran before it (benchmarks/NOTES.md item 62)."""
+  start = time.perf_counter()
+  while time.perf_counter() - start < seconds:
+    jax.block_until_ready([step(*args) for args in arg_sets])
+
+
+def time_calls(step, arg_sets, *, calls=10, trials=5, min_run_s=MIN_RUN_S,
+               sustain_s=0.0):
   """Median seconds per call over `trials` runs of back-to-back calls,
-  cycling through `arg_sets`; two warm-up calls first. A run makes `calls`
-  calls, or as many more as it takes to last `min_run_s` (estimated from
-  one untimed run of `calls`), so that short kernels are timed on the
-  device, not by the host's latency to start them."""
+  cycling through `arg_sets`; two warm-up calls first (or `sustain_s`
+  seconds of calls, see `sustain`). A run makes `calls` calls, or as many
+  more as it takes to last `min_run_s` (estimated from one untimed run of
+  `calls`), so that short kernels are timed on the device, not by the
+  host's latency to start them."""
   for args in arg_sets[:2]:
     jax.block_until_ready(step(*args))
+  sustain(step, arg_sets, sustain_s)
 
   def run(n):
     start = time.perf_counter()
@@ -83,7 +97,8 @@ def time_calls(step, arg_sets, *, calls=10, trials=5, min_run_s=MIN_RUN_S):
 
 
 def time_case(fn, pass_, *, batch, seq_len, heads, head_dim, dtype,
-              kv_heads=None, calls=10, trials=5, min_run_s=MIN_RUN_S):
+              kv_heads=None, calls=10, trials=5, min_run_s=MIN_RUN_S,
+              sustain_s=0.0):
   """Seconds per call of `pass_` of fn, with rotated inputs."""
   arg_sets, step = [], None
   for seed in range(ROTATIONS):
@@ -92,7 +107,7 @@ def time_case(fn, pass_, *, batch, seq_len, heads, head_dim, dtype,
     step, args = step_and_args(fn, pass_, q, k, v, dout)
     arg_sets.append(args)
   return time_calls(step, arg_sets, calls=calls, trials=trials,
-                    min_run_s=min_run_s)
+                    min_run_s=min_run_s, sustain_s=sustain_s)
 
 
 def describe(error: Exception) -> str:
