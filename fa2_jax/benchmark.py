@@ -11,7 +11,9 @@ Shapes as in the FlashAttention-2 paper: `--tokens` (batch x seqlen, 16k) at
 `--heads` fix those instead. FLOPs as in the paper (fwd 4 B N T^2 H, halved
 when causal; bwd 2.5x, fwd+bwd 3.5x). Each case: two warm-up calls, then the
 median over 5 runs of back-to-back calls cycling through 3 input sets, each
-run at least 10 calls and 25 ms (`timing.MIN_RUN_S`). Cases
+run at least 10 calls and 25 ms (`timing.MIN_RUN_S`); `--sustain-s` adds
+untimed calls first; on a GPU each row records the SM clock and power after
+its runs (`timing.gpu_clocks`). Cases
 that fail or run out of memory are recorded with their error. Writes
 results.json (every row, with the device and versions), speed_<pass>.png
 (speed_fwd.png, speed_bwd.png, speed_fwd_bwd.png),
@@ -91,6 +93,8 @@ def run_case(impl, *, seq_len, head_dim, is_causal, pass_, dtype=jnp.bfloat16,
                                calls=calls, trials=trials,
                                min_run_s=min_run_s, sustain_s=sustain_s)
     row["ms"] = seconds * 1e3
+    if not interpret:
+      row.update(timing.gpu_clocks())
     row["tflops"] = timing.flops(batch, seq_len, heads, head_dim,
                                  is_causal=is_causal, pass_=pass_) / seconds / 1e12
   except Exception as e:  # recorded, not raised: OOM, unsupported, ...

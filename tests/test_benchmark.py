@@ -2,6 +2,7 @@
 reads them back. (Speed itself is measured on a GPU, not asserted here.)"""
 import json
 import re
+import subprocess
 import time
 
 import jax.numpy as jnp
@@ -113,6 +114,21 @@ def test_sustain_runs_untimed_calls_before_the_timed_runs():
   assert time.perf_counter() - start >= 0.05
   assert len(sustained) >= 0.05 / 0.004 and set(sustained) == {0.0, 1.0}
   assert 0.002 <= seconds < 0.01, seconds
+
+
+def test_gpu_clocks_read_nvidia_smi_or_nothing(monkeypatch):
+  """A row's clocks come from nvidia-smi's first GPU; without one, or with
+  output it cannot parse, the row has none (never a made-up number)."""
+  import subprocess
+  monkeypatch.setattr(timing.shutil, "which", lambda name: "/bin/nvidia-smi")
+  replies = iter(["1710, 699.31\n1980, 70.2\n", "[N/A], [N/A]\n", ""])
+  monkeypatch.setattr(timing.subprocess, "run", lambda *a, **k:
+                      subprocess.CompletedProcess(a, 0, next(replies), ""))
+  assert timing.gpu_clocks() == dict(sm_clock_mhz=1710, power_w=699.31)
+  assert timing.gpu_clocks() == {}
+  assert timing.gpu_clocks() == {}
+  monkeypatch.setattr(timing.shutil, "which", lambda name: None)
+  assert timing.gpu_clocks() == {}
 
 
 def test_ratio_is_to_the_fastest_of_several_baselines():

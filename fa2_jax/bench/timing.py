@@ -6,7 +6,9 @@ among `ROTATIONS` sets so that consecutive calls do not find the previous
 call's data in L2.
 """
 import math
+import shutil
 import statistics
+import subprocess
 import time
 
 import jax
@@ -108,6 +110,24 @@ def time_case(fn, pass_, *, batch, seq_len, heads, head_dim, dtype,
     arg_sets.append(args)
   return time_calls(step, arg_sets, calls=calls, trials=trials,
                     min_run_s=min_run_s, sustain_s=sustain_s)
+
+
+def gpu_clocks() -> dict:
+  """The first GPU's SM clock (MHz) and board power (W) as nvidia-smi reads
+  them now: right after a case's timed runs, the clocks it ran at (under a
+  power cap they fall, see `sustain`). {} where there is no nvidia-smi or
+  it says nothing usable."""
+  exe = shutil.which("nvidia-smi")
+  if exe is None:
+    return {}
+  try:
+    out = subprocess.run([exe, "--query-gpu=clocks.sm,power.draw",
+                          "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=10).stdout
+    clock, power = (float(x) for x in out.splitlines()[0].split(","))
+  except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+    return {}
+  return dict(sm_clock_mhz=int(clock), power_w=power)
 
 
 def describe(error: Exception) -> str:
