@@ -266,6 +266,9 @@ def parse_args(argv):
     if unknown:
       parser.error(f"{flag}: unknown implementation(s) {unknown}; expected "
                    f"names from {sorted(known)}")
+  if not args.sustain_s >= 0 or args.sustain_s == float("inf"):
+    parser.error(f"--sustain-s: expected finite seconds >= 0, got "
+                 f"{args.sustain_s}")
   if args.quick:  # the quick sweep's sizes, where not given explicitly
     for key, value in QUICK.items():
       if key in vars(args) and getattr(args, key) == parser.get_default(key):

@@ -116,6 +116,17 @@ def test_sustain_runs_untimed_calls_before_the_timed_runs():
   assert 0.002 <= seconds < 0.01, seconds
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_sustain_must_be_finite_seconds(value, capsys):
+  """--sustain-s below 0 or not finite is an error naming the flag and the
+  value, not a case timed without it (or never timed)."""
+  with pytest.raises(SystemExit):
+    benchmark.parse_args(["--sustain-s", value])
+  assert (f"--sustain-s: expected finite seconds >= 0, got {float(value)}"
+          in capsys.readouterr().err)
+  assert benchmark.parse_args(["--sustain-s", "1.5"]).sustain_s == 1.5
+
+
 def test_gpu_clocks_read_nvidia_smi_or_nothing(monkeypatch):
   """A row's clocks come from nvidia-smi's first GPU; without one, or with
   output it cannot parse, the row has none (never a made-up number)."""
