@@ -16,7 +16,8 @@ a fixed order.
   where the tiles are short, persistent (at head_dim 64 the next tile's Q
   and dO load during this one); each consumer keeps Q and dO, the producer
   streams K and V:
-  S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+  S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K (P computed
+  while dP's wgmma runs).
   It runs first: given O instead of delta, each consumer first computes
   its rows' delta = rowsum(dO O) from O and dO in shared memory and stores
   it for the dK/dV kernel (one pass over O and dO fewer than an XLA
@@ -683,24 +684,26 @@ def _dq_consumer(wg, refs, scratch, *, mask, score, blocks, tiles):
       plgpu.barrier_wait(bars["k_ready"].at[slot])
       plgpu.barrier_wait(bars["v_ready"].at[slot])
 
-      def s_dp(refs_):  # S = Q K^T and dP = dO V^T, issued back to back
-        s_ref, dp_ref = refs_
+      def s_p_dp(s_ref, dp_ref):
+        """S = Q K^T and dP = dO V^T issued back to back, and P computed
+        from S while dP's wgmma runs (benchmarks/NOTES.md item 63)."""
         plgpu.wgmma(s_ref, q_smem, k_smem.T)
         plgpu.wgmma(dp_ref, do_smem, v_smem.T)
         if next_q:  # the next tile's Q and dO load under this tile
           pl.when(kv_block == bounds[0] + mt.prefetch_step(num_blocks))(
               next_q)
+        s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # dP may still run
+        kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
+                  if mask.has_segments and masked else None)
+        p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
+                              shape=(bq, bk), query_axis=0, q_start=row0,
+                              k_start=kv_block * bk, q_seg=q_seg,
+                              kv_seg=kv_seg, one_sided=one_sided)
+        return p, t, dp_ref[...]
 
-      zeros = mt.wgmma_zeros((bq, bk))
-      s, dp = pl.run_state(s_dp)((plgpu.ACC.init(zeros),
-                                  plgpu.ACC.init(zeros)))
+      p, t, dp = pl.run_scoped(s_p_dp, plgpu.ACC((bq, bk), jnp.float32),
+                               plgpu.ACC((bq, bk), jnp.float32))
       plgpu.barrier_arrive(bars["v_free"].at[slot])
-      kv_seg = (mt.load_vector(scratch["kv_seg"].at[slot], axis=1)
-                if mask.has_segments and masked else None)
-      p, t = _probabilities(s, lse2, mask=mask, score=score, masked=masked,
-                            shape=(bq, bk), query_axis=0, q_start=row0,
-                            k_start=kv_block * bk, q_seg=q_seg, kv_seg=kv_seg,
-                            one_sided=one_sided)
       ds = score.through_cap(p * (dp - mt.broadcast(delta, (bq, bk), 0)),
                              t).astype(dtype)
 
