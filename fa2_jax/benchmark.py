@@ -21,6 +21,7 @@ memory.png, and prints ratio tables against cuDNN.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -266,7 +267,7 @@ def parse_args(argv):
     if unknown:
       parser.error(f"{flag}: unknown implementation(s) {unknown}; expected "
                    f"names from {sorted(known)}")
-  if not args.sustain_s >= 0 or args.sustain_s == float("inf"):
+  if not (math.isfinite(args.sustain_s) and args.sustain_s >= 0):
     parser.error(f"--sustain-s: expected finite seconds >= 0, got "
                  f"{args.sustain_s}")
   if args.quick:  # the quick sweep's sizes, where not given explicitly

@@ -77,8 +77,8 @@ def sustain(step, arg_sets, seconds):
 def time_calls(step, arg_sets, *, calls=10, trials=5, min_run_s=MIN_RUN_S,
                sustain_s=0.0):
   """Median seconds per call over `trials` runs of back-to-back calls,
-  cycling through `arg_sets`; two warm-up calls first (or `sustain_s`
-  seconds of calls, see `sustain`). A run makes `calls` calls, or as many
+  cycling through `arg_sets`; two warm-up calls first, then `sustain_s`
+  seconds of untimed calls (see `sustain`). A run makes `calls` calls, or as many
   more as it takes to last `min_run_s` (estimated from one untimed run of
   `calls`), so that short kernels are timed on the device, not by the
   host's latency to start them."""
