@@ -10,8 +10,10 @@ a fixed order.
   registers; the producer streams Q, dO, LSE and delta of every query head of
   the kv head's group (GQA sums inside the CTA) and every query block that
   sees the keys. Per step: S^T = K Q^T, P^T = exp(S^T - LSE),
-  dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q.
-  The dK/dV kernel walks its query blocks from last to first (`_Walk`).
+  dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q,
+  the last awaited only under the next step's S^T (the Q slot is freed
+  there). The dK/dV kernel walks its query blocks from last to first
+  (`_Walk`).
 * dQ: one CTA per (CONSUMERS * block_q rows, query head, batch), or,
   where the tiles are short, persistent (at head_dim 64 the next tile's Q
   and dO load during this one); each consumer keeps Q and dO, the producer
@@ -305,6 +307,12 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
               if mask.has_segments else None)
     hp = k_smem.shape[-1]
 
+    # Unless the step also computes dQ (`split`), its dK wgmma is awaited
+    # under the next step's S^T (benchmarks/NOTES.md item 64): dK and dV
+    # then live in accumulator refs for the length of each run of steps.
+    defer = not split and "dk" in _parts(part)
+    scope = {}  # where `defer`: the run's accumulator refs and first step
+
     def head_loop(g, carry):
       def step(q_block, carry, *, masked):
         dk, dv = carry  # None where `part` leaves it out
@@ -317,6 +325,9 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
         prefetch = (lambda: pl.when(
             i == mt.prefetch_step(group * num_q))(next_kv)) if next_kv else None
         s = mt.matmul_t(k_smem, q_smem, (bk, bq), during=prefetch)
+        if defer:  # so the previous step's dK wgmma has read its Q
+          pl.when(i > scope["first"])(lambda: plgpu.barrier_arrive(
+              bars["free"].at[mt.slot_of(first + i - 1, stages)]))
         q_seg = (mt.load_vector(scratch["q_seg"].at[slot], axis=1)
                  if mask.has_segments and masked else None)
         lse2 = mt.load_vector(scratch["lse"].at[slot], axis=1)
@@ -327,19 +338,29 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
                                   one_sided=one_sided)
         plgpu.barrier_wait(bars["do_ready"].at[slot])
 
-        def dv_dp(refs_):  # dV += P^T dO, dP^T = V dO^T: what `part` needs
-          dv_ref, dp_ref = refs_
-          if dv_ref is not None:
-            plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
-          if dp_ref is not None:
-            plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+        if defer:
+          dk_ref, dv_ref = scope["refs"]
 
-        dv, dp = pl.run_state(dv_dp)((
-            None if dv is None else plgpu.ACC.init(dv),
-            None if dk is None else plgpu.ACC.init(mt.wgmma_zeros((bk, bq)))))
-        if dk is None:  # DV: neither dS nor dK
-          plgpu.barrier_arrive(bars["free"].at[slot])
-          return dk, dv
+          def dv_dp_deferred(dp_ref):  # dV += P^T dO, dP^T = V dO^T
+            if dv_ref is not None:
+              plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
+            plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+            return dp_ref[...]
+          dp = pl.run_scoped(dv_dp_deferred, plgpu.ACC((bk, bq), jnp.float32))
+        else:
+          def dv_dp(refs_):  # dV += P^T dO, dP^T = V dO^T: what `part` needs
+            dv_ref, dp_ref = refs_
+            if dv_ref is not None:
+              plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
+            if dp_ref is not None:
+              plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+
+          dv, dp = pl.run_state(dv_dp)((
+              None if dv is None else plgpu.ACC.init(dv),
+              None if dk is None else plgpu.ACC.init(mt.wgmma_zeros((bk, bq)))))
+          if dk is None:  # DV: neither dS nor dK
+            plgpu.barrier_arrive(bars["free"].at[slot])
+            return dk, dv
         delta = mt.load_vector(scratch["delta"].at[slot], axis=1)
         ds = score.through_cap(p * (dp - mt.broadcast(delta, (bk, bq), 1)),
                                t_cap).astype(dtype)
@@ -350,6 +371,9 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
           scratch["ds"].at[wg][...] = ds
           plgpu.commit_smem()
           plgpu.barrier_arrive(bars["ds_ready"])
+        if defer:  # awaited under the next step's S^T, or at the run's end
+          plgpu.wgmma(dk_ref, ds, q_smem)
+          return carry
 
         def dk_acc(acc_ref):
           plgpu.wgmma(acc_ref, ds, q_smem)
@@ -360,12 +384,32 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
           _dq_tile(wg, i, scratch, split=split, bq=bq, hp=hp)
         return dk, dv
 
+      def run(loop, carry, first_block, last_block, n):
+        """One run of steps, with dK and dV in accumulator refs where
+        `defer`: its last dK wgmma is awaited at its end."""
+        if not defer:
+          return loop(carry)
+
+        def in_scope(refs):
+          scope["refs"] = refs
+          scope["first"] = walk.step(g, first_block)
+          loop(carry)
+        carry = pl.run_state(in_scope)(tuple(
+            None if x is None else plgpu.ACC.init(x) for x in carry))
+
+        @pl.when(n > 0)
+        def _():
+          plgpu.barrier_arrive(bars["free"].at[mt.slot_of(
+              first + walk.step(g, last_block), stages)])
+        return carry
+
       if order == ROTATED:  # one unmasked run
-        return lax.fori_loop(
-            0, num_q, lambda s, c: step(walk.block(s), c, masked=False),
-            carry)
+        return run(functools.partial(
+            lax.fori_loop, 0, num_q,
+            lambda s, c: step(walk.block(s), c, masked=False)),
+            carry, walk.block(0), walk.block(num_q - 1), num_q)
       return mt.visit_runs(bounds, loops, step, carry,
-                           reverse=order == DOWN)
+                           reverse=order == DOWN, run=run)
 
     zeros = mt.wgmma_zeros((bk, hp))
     dk, dv = lax.fori_loop(0, group, head_loop, tuple(

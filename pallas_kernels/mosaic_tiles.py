@@ -769,12 +769,15 @@ def fill_ring(num_steps, stages: int, load, *, first=0):
     load(i, slot, wait_free)
 
 
-def visit_runs(bounds, loops: dict, step, carry, *, reverse: bool = False):
+def visit_runs(bounds, loops: dict, step, carry, *, reverse: bool = False,
+               run=None):
   """`step(block, carry, masked=...)` over the three runs of a
   `MaskRule.key_blocks` / `query_blocks` range, masked "leading", False
   (the middle run) and "trailing" (`tile_visible`'s `run`); `loops` says
   which runs can be non-empty (`MaskRule.key_loops` / `query_loops`).
-  `reverse` visits the blocks from last to first."""
+  `reverse` visits the blocks from last to first. `run(loop, carry, first,
+  last, n)`, if given, runs each run's `loop(carry)` (n steps from block
+  `first` to block `last`), e.g. inside a scope of its own."""
   start, full_start, full_end, end = bounds
   runs = [(start, full_start, "leading", loops["leading"]),
           (full_start, full_end, False, loops["middle"]),
@@ -784,11 +787,15 @@ def visit_runs(bounds, loops: dict, step, carry, *, reverse: bool = False):
       continue
     body = functools.partial(step, masked=masked)
     if reverse:
-      carry = lax.fori_loop(0, hi - lo,
-                            lambda t, c, hi=hi, body=body: body(hi - 1 - t, c),
-                            carry)
+      loop = functools.partial(
+          lax.fori_loop, 0, hi - lo,
+          lambda t, c, hi=hi, body=body: body(hi - 1 - t, c))
+      first, last = hi - 1, lo
     else:
-      carry = lax.fori_loop(lo, hi, body, carry)
+      loop = functools.partial(lax.fori_loop, lo, hi, body)
+      first, last = lo, hi - 1
+    carry = loop(carry) if run is None else run(loop, carry, first, last,
+                                                 hi - lo)
   return carry
 
 
