@@ -338,23 +338,21 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
                                   one_sided=one_sided)
         plgpu.barrier_wait(bars["do_ready"].at[slot])
 
-        if defer:
+        def dv_dp(refs_):  # dV += P^T dO, dP^T = V dO^T: what `part` needs
+          dv_ref, dp_ref = refs_
+          if dv_ref is not None:
+            plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
+          if dp_ref is not None:
+            plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+
+        if defer:  # dV in the run's scope; dP^T (and so dV) awaited here
           dk_ref, dv_ref = scope["refs"]
 
-          def dv_dp_deferred(dp_ref):  # dV += P^T dO, dP^T = V dO^T
-            if dv_ref is not None:
-              plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
-            plgpu.wgmma(dp_ref, v_smem, do_smem.T)
+          def dv_then_dp(dp_ref):
+            dv_dp((dv_ref, dp_ref))
             return dp_ref[...]
-          dp = pl.run_scoped(dv_dp_deferred, plgpu.ACC((bk, bq), jnp.float32))
+          dp = pl.run_scoped(dv_then_dp, plgpu.ACC((bk, bq), jnp.float32))
         else:
-          def dv_dp(refs_):  # dV += P^T dO, dP^T = V dO^T: what `part` needs
-            dv_ref, dp_ref = refs_
-            if dv_ref is not None:
-              plgpu.wgmma(dv_ref, p.astype(dtype), do_smem)
-            if dp_ref is not None:
-              plgpu.wgmma(dp_ref, v_smem, do_smem.T)
-
           dv, dp = pl.run_state(dv_dp)((
               None if dv is None else plgpu.ACC.init(dv),
               None if dk is None else plgpu.ACC.init(mt.wgmma_zeros((bk, bq)))))
