@@ -391,7 +391,7 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
         def in_scope(refs):
           scope["refs"] = refs
           scope["first"] = walk.step(g, first_block)
-          loop(carry)
+          loop((None, None))  # dK and dV are in `refs`
         carry = pl.run_state(in_scope)(tuple(
             None if x is None else plgpu.ACC.init(x) for x in carry))
 
