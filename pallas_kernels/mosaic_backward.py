@@ -345,13 +345,24 @@ def _dkdv_consumer(wg, refs, scratch, *, mask, score, blocks, group: int,
           if dp_ref is not None:
             plgpu.wgmma(dp_ref, v_smem, do_smem.T)
 
-        if defer:  # dV in the run's scope; dP^T (and so dV) awaited here
+        if defer:  # dV in the run's scope; dP^T awaited here
           dk_ref, dv_ref = scope["refs"]
 
           def dv_then_dp(dp_ref):
             dv_dp((dv_ref, dp_ref))
             return dp_ref[...]
-          dp = pl.run_scoped(dv_then_dp, plgpu.ACC((bk, bq), jnp.float32))
+
+          def dp_then_dv(dp_ref):  # dS is then computed while dV runs
+            dv_dp((None, dp_ref))
+            dv_dp((dv_ref, None))
+            return plgpu.wgmma_accumulator_load(
+                dp_ref, wait_n=0 if dv_ref is None else 1)
+
+          # dP^T first pays on a window's short runs of steps, and costs
+          # registers (spills) on long ones (benchmarks/NOTES.md item 65).
+          dp = pl.run_scoped(
+              dp_then_dv if mask.key_span is not None else dv_then_dp,
+              plgpu.ACC((bk, bq), jnp.float32))
         else:
           dv, dp = pl.run_state(dv_dp)((
               None if dv is None else plgpu.ACC.init(dv),
