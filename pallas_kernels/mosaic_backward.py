@@ -12,8 +12,9 @@ a fixed order.
   sees the keys. Per step: S^T = K Q^T, P^T = exp(S^T - LSE),
   dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q,
   the last awaited only under the next step's S^T (the Q slot is freed
-  there). The dK/dV kernel walks its query blocks from last to first
-  (`_Walk`).
+  there); under a window dP^T is issued before dV, so that dS is computed
+  while dV runs. The dK/dV kernel walks its query blocks from last to
+  first (`_Walk`).
 * dQ: one CTA per (CONSUMERS * block_q rows, query head, batch), or,
   where the tiles are short, persistent (at head_dim 64 the next tile's Q
   and dO load during this one); each consumer keeps Q and dO, the producer
