@@ -869,11 +869,14 @@ def named_refs(args, names):
   return dict(zip(names, args[:len(names)])), scratch
 
 
-def warp_specialize(consumer, producer, consumers: int = CONSUMERS):
+def warp_specialize(consumer, producer, consumers: int = CONSUMERS,
+                    registers: tuple[int, int] | None = None):
   """Runs consumer(wg) on warpgroups 0..consumers-1 (registers raised) and
-  producer() on the last one (registers lowered; `REGISTERS`)."""
+  producer() on the last one (registers lowered): registers (consumer,
+  producer) per thread, `REGISTERS[consumers]` if None."""
   wg = lax.axis_index("wg")
-  consumer_registers, producer_registers = REGISTERS[consumers]
+  consumer_registers, producer_registers = (registers
+                                            or REGISTERS[consumers])
 
   @pl.when(wg < consumers)
   def _():
