@@ -599,16 +599,18 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
       lambda wg: _dkdv_consumer(wg, refs, scratch, score=score, part=part,
                                 **common),
       lambda: _dkdv_producer(refs, scratch, sems, **common),
-      registers=_dkdv_registers(mask))
+      registers=_dkdv_registers(mask, part))
 
 
-def _dkdv_registers(mask) -> tuple[int, int] | None:
+def _dkdv_registers(mask, part: str) -> tuple[int, int] | None:
   """(consumer, producer) registers per thread of the dK/dV kernel (its
-  `mt.CONSUMERS` = 2 consumers): unmasked and windowed runs take FA3's
-  (240, 24), which cuts their consumers' spills and times their backward
-  1-3% faster on an H100; plain causal ones keep `mt.REGISTERS` (up to 3%
-  slower at 240; benchmarks/NOTES.md item 66)."""
-  if mask.key_span is not None or not mask.is_causal:
+  `mt.CONSUMERS` = 2 consumers), None for `mt.REGISTERS`. Launches of both
+  dK and dV (head_dim <= 128) under no mask or a window take FA3's
+  (240, 24): it cuts their consumers' spills and times their backward 1-3%
+  faster on an H100. Plain causal ones measured up to 3% slower at 240, and
+  head_dim 256's split launches were not measured (benchmarks/NOTES.md
+  item 66)."""
+  if part == DKDV and (mask.key_span is not None or not mask.is_causal):
     return (240, 24)
   return None
 
