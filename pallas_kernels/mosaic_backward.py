@@ -605,13 +605,13 @@ def _dkdv_kernel(*args, mask, score, blocks, group: int, split,
 def _dkdv_registers(mask, part: str) -> tuple[int, int] | None:
   """(consumer, producer) registers per thread of the dK/dV kernel (its
   `mt.CONSUMERS` = 2 consumers), None for `mt.REGISTERS`. Launches of both
-  dK and dV (head_dim <= 128) under no mask or a window take FA3's
-  (240, 24): it cuts their consumers' spills and times their backward 1-3%
-  faster on an H100. Plain causal ones measured up to 3% slower at 240, and
-  head_dim 256's split launches were not measured (benchmarks/NOTES.md
-  item 66)."""
+  dK and dV (head_dim <= 128) that are not causal, or are windowed, take
+  `mt.REGISTERS_LEAN_PRODUCER`: it cuts their consumers' spills and times
+  their backward 1-3% faster on an H100 (unmasked and 1k windows). Plain
+  causal ones measured up to 3% slower with it, and head_dim 256's split
+  launches were not measured (benchmarks/NOTES.md item 66)."""
   if part == DKDV and (mask.key_span is not None or not mask.is_causal):
-    return (240, 24)
+    return mt.REGISTERS_LEAN_PRODUCER
   return None
 
 

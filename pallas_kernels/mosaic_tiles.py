@@ -38,6 +38,9 @@ DTYPES = (jnp.float16, jnp.bfloat16)
 # warpgroups: consumers take what the producer gives up ((2 * 232 + 40) *
 # 128 and (3 * 160 + 32) * 128 threads fit the 64K register file).
 REGISTERS = {2: (232, 40), 3: (160, 32)}
+# FA3's split for two consumers, (2 * 240 + 24) * 128 threads: the dK/dV
+# kernel's where it pays (`mosaic_backward._dkdv_registers`).
+REGISTERS_LEAN_PRODUCER = (240, 24)
 
 
 # The tiles that may also be 32 wide: the backward's streamed blocks (the
