@@ -111,8 +111,8 @@ def main():
       step = jax.jit(lambda k, v, p=persistent, b=blocks, s=seq: kv_stream(
           k, v, seq_len_q=s, blocks=b, persistent=p)[0])
       sec = timing.time_calls(step, [(k, v)])
-      key_rows = seq * (mt.round_up(seq, rows) // rows) * heads * batch
-      stream_tbs = key_rows * 4 * head_dim / sec / 1e12
+      streamed_rows = seq * (mt.round_up(seq, rows) // rows) * heads * batch
+      stream_tbs = streamed_rows * 4 * head_dim / sec / 1e12
       fwd = functools.partial(fa2_jax.flash_attention, implementation="mosaic",
                               block_sizes=blocks)
       fwd_sec = timing.time_case(fwd, "fwd", batch=batch, seq_len=seq,
@@ -126,7 +126,7 @@ def main():
                              pass_="fwd")
         row.update(forward_ms=fwd_sec * 1e3,
                    forward_tflops=flops / fwd_sec / 1e12,
-                   forward_needs_tb_s=key_rows * 4 * head_dim / fwd_sec / 1e12)
+                   forward_needs_tb_s=streamed_rows * 4 * head_dim / fwd_sec / 1e12)
       results.append(row)
       print(json.dumps(row), flush=True)
   if args.out:
