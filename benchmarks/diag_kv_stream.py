@@ -126,7 +126,8 @@ def main():
                              pass_="fwd")
         row.update(forward_ms=fwd_sec * 1e3,
                    forward_tflops=flops / fwd_sec / 1e12,
-                   forward_needs_tb_s=streamed_rows * 4 * head_dim / fwd_sec / 1e12)
+                   forward_needs_tb_s=(streamed_rows * 4 * head_dim
+                                       / fwd_sec / 1e12))
       results.append(row)
       print(json.dumps(row), flush=True)
   if args.out:
