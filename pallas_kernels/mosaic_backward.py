@@ -608,8 +608,9 @@ def _dkdv_registers(mask, part: str) -> tuple[int, int] | None:
   dK and dV (head_dim <= 128) that are not causal, or are windowed, take
   `mt.REGISTERS_LEAN_PRODUCER`: it cuts their consumers' spills and times
   their backward 1-3% faster on an H100 (unmasked and 1k windows). Plain
-  causal ones measured up to 3% slower with it, and head_dim 256's split
-  launches were not measured (benchmarks/NOTES.md item 66)."""
+  causal ones measured up to 3% slower with it (benchmarks/NOTES.md item
+  66); head_dim 256's split launches level, and 1% faster only under a
+  causal mask, not worth a rule (item 67)."""
   if part == DKDV and (mask.key_span is not None or not mask.is_causal):
     return mt.REGISTERS_LEAN_PRODUCER
   return None
