@@ -7,10 +7,11 @@ from L2 into shared memory, which may be near what the L2 delivers (NOTES
 item 67). This script runs the forward's own producer (`mt.kv_producer`:
 same tiles, schedule, ring and TMA copies) against consumers that only wait
 for each K and V slot and free it, and reports the stream's TB/s beside the
-rate the real forward needs at its measured speed. If the stream alone runs
-at barely more than that need, a 2-CTA cluster multicasting K and V (half
-the L2 reads) is worth building; if it runs far faster, the L2 is not the
-limit.
+rate the real forward needs at its measured speed, each also in two-CTA
+clusters that multicast K and V (`MosaicBlocks.cluster`: half the L2
+reads). If the stream alone runs at barely more than the forward's need
+and the cluster lifts both, the L2 was the limit; if the stream runs far
+faster, it is not.
 
 Usage (on the GPU): python benchmarks/diag_kv_stream.py [--out FILE]
 """
@@ -58,18 +59,20 @@ def _consumer(wg, refs, scratch, *, tiles, mask, rows, block_k, stages):
 def kv_stream(k, v, *, seq_len_q: int, blocks: mt.MosaicBlocks,
               persistent: bool):
   """Streams K and V [B, S, N, H] as the forward over seq_len_q queries
-  would; returns a dummy [num_ctas] output."""
+  would (in two-CTA clusters sharing each block if `blocks.cluster` is 2);
+  returns a dummy [num_ctas] output."""
   batch, seq_len_k, heads, head_dim = k.shape
   k, v = (mt.pad_tokens(x, mt.kv_rows(seq_len_k, blocks.block_k), head_dim)
           for x in (k, v))
-  rows = blocks.consumers * blocks.block_q
+  rows, cluster = blocks.consumers * blocks.block_q, blocks.cluster
   mask = MaskRule(seq_len_q=seq_len_q, seq_len_k=seq_len_k)
   tiles = mt.Tiles.make(
       mt.tile_costs(lambda i: mask.key_blocks(i, rows, blocks.block_k),
-                    mt.round_up(seq_len_q, rows) // rows),
-      heads, batch, persistent=persistent)
+                    mt.round_up(seq_len_q, rows * cluster) // rows // cluster),
+      heads, batch, persistent=persistent, cluster=cluster)
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
-                                       head_dim, k.dtype, blocks.consumers)
+                                       head_dim, k.dtype, blocks.consumers,
+                                       cluster)
   names = ["k", "v"] + tiles.input_names() + ["out"]
 
   def kernel(*args):
@@ -90,7 +93,9 @@ def kv_stream(k, v, *, seq_len_q: int, blocks: mt.MosaicBlocks,
       scratch_types=[dict(**ring, bars=ring_bars)],
       grid=(tiles.num_ctas,), grid_names=("cta",),
       num_threads=blocks.consumers + 1, thread_name="wg",
-      compiler_params=mt.compiler_params())(k, v, *tiles.inputs())
+      compiler_params=mt.compiler_params(),
+      **(dict(cluster=(cluster,), cluster_names=("cluster",))
+         if cluster > 1 else {}))(k, v, *tiles.inputs())
   return out, tiles
 
 
@@ -99,12 +104,13 @@ def main():
   parser.add_argument("--out", default=None)
   args = parser.parse_args()
   results = []
-  cases = [  # seq, head_dim, block_k
-      (4096, 128, 128), (16384, 128, 128), (16384, 128, 192),
-      (4096, 64, 256), (16384, 64, 256)]
-  for seq, head_dim, block_k in cases:
+  cases = [  # seq, head_dim, block_k, cluster
+      (4096, 128, 128, 1), (4096, 128, 128, 2), (16384, 128, 128, 1),
+      (16384, 128, 192, 1), (16384, 128, 192, 2), (4096, 64, 256, 1),
+      (16384, 64, 256, 1)]
+  for seq, head_dim, block_k, cluster in cases:
     heads, batch = HIDDEN // head_dim, TOKENS // seq
-    blocks = mt.MosaicBlocks(block_k=block_k)
+    blocks = mt.MosaicBlocks(block_k=block_k, cluster=cluster)
     rows = blocks.consumers * blocks.block_q
     _, k, v, _ = timing.inputs(batch, seq, heads, head_dim, jnp.bfloat16)
     for persistent in (True, False):
@@ -119,8 +125,9 @@ def main():
                                  heads=heads, head_dim=head_dim,
                                  dtype=jnp.bfloat16) if persistent else None
       row = dict(seq_len=seq, head_dim=head_dim, block_k=block_k,
-                 rows_per_cta=rows, persistent=persistent,
-                 stream_ms=sec * 1e3, stream_tb_s=stream_tbs)
+                 cluster=cluster, rows_per_cta=rows, persistent=persistent,
+                 stream_ms=sec * 1e3, stream_tb_s=stream_tbs,
+                 stream_l2_tb_s=stream_tbs / cluster)
       if fwd_sec:
         flops = timing.flops(batch, seq, heads, head_dim, is_causal=False,
                              pass_="fwd")

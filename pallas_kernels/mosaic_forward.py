@@ -342,11 +342,28 @@ def _max_mean_varied(head_dim: int):
   return float("inf") if head_dim <= 64 else 64
 
 
+def _check_pairs_agree(mask: MaskRule, num_tiles: int, rows: int,
+                       block_k: int):
+  """NotImplementedError unless both query tiles of every cluster pair
+  (2i, 2i + 1) visit the same key blocks, as the shared K/V stream needs:
+  no causal mask, window or segment ids."""
+  agree = not mask.has_segments and all(
+      mask.key_blocks(i, rows, block_k) == mask.key_blocks(i + 1, rows,
+                                                           block_k)
+      for i in range(0, num_tiles, 2))
+  if not agree:
+    raise NotImplementedError(
+        "MosaicBlocks(cluster=2) needs the two query tiles of a cluster to "
+        "visit the same key blocks: no causal mask, local window or segment "
+        f"ids (got is_causal={mask.is_causal}, window=({mask.window_left}, "
+        f"{mask.window_right}), segment ids={mask.has_segments})")
+
+
 def _scratch(mask: MaskRule, blocks: mt.MosaicBlocks, head_dim: int, dtype,
              q_slots: int):
   bq, n = blocks.block_q, blocks.consumers
   ring, ring_bars = mt.kv_ring_scratch(mask, blocks.block_k, blocks.stages,
-                                       head_dim, dtype, n)
+                                       head_dim, dtype, n, blocks.cluster)
   scratch = dict(
       q=mt.tile_smem((q_slots, n, bq, head_dim), dtype),
       lse=plgpu.SMEM((n, bq), jnp.float32), **ring,
@@ -388,8 +405,12 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
         f"or <= 128 with block_k=64 (160 registers per consumer), got "
         f"head_dim {head_dim} with block_k {blocks.block_k}")
   rows_per_cta = blocks.consumers * blocks.block_q
-  tp = mt.round_up(seq_len_q, rows_per_cta)
+  cluster = blocks.cluster
+  tp = mt.round_up(seq_len_q, rows_per_cta * cluster)
   sp = mt.round_up(seq_len_k, blocks.block_k)
+  if cluster > 1:
+    _check_pairs_agree(mask, tp // rows_per_cta, rows_per_cta,
+                       blocks.block_k)
   segments = mt.pad_segments(segments, tp, sp)
   kv_rows = mt.kv_rows(seq_len_k, blocks.block_k)
   inputs = (mt.pad_tokens(q, tp, hp), mt.pad_tokens(k, kv_rows, hp),
@@ -397,18 +418,20 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
             *mt.segment_ranges(segments, rows_per_cta, blocks.block_k,
                                query_major=True))
   tiles = mt.Tiles.make(
-      mt.tile_costs(lambda i: mask.key_blocks(i, rows_per_cta,
+      mt.tile_costs(lambda i: mask.key_blocks(i * cluster, rows_per_cta,
                                               blocks.block_k),
-                    tp // rows_per_cta), num_heads, batch,
+                    tp // rows_per_cta // cluster), num_heads, batch,
       persistent=blocks.persistent and mt.fits_two_slots(
           rows_per_cta, 2 * blocks.stages * blocks.block_k,
           hp, q.dtype),
-      max_mean_varied=_max_mean_varied(hp))
+      max_mean_varied=_max_mean_varied(hp), cluster=cluster)
   # A CTA with several tiles loads the next one's Q during this one.
   q_slots = 2 if tiles.persistent else 1
   scratch = _scratch(mask, blocks, hp, q.dtype, q_slots)
   mt.check_smem(scratch, kernel="forward", head_dim=hp, blocks=asked,
                 fields=("consumers", "block_q", "block_k", stages_field))
+  launch = (dict(cluster=(cluster,), cluster_names=("cluster",))
+            if cluster > 1 else {})
   kernel = functools.partial(
       _kernel, mask=mask, score=score, blocks=blocks,
       group=num_heads // num_kv_heads, tiles=tiles)
@@ -422,5 +445,6 @@ def forward(q, k, v, segments=None, *, mask: MaskRule, score: ScoreRule,
       num_threads=blocks.consumers + 1,
       thread_name="wg",
       compiler_params=mt.compiler_params(),
+      **launch,
   )(*inputs, *tiles.inputs())
   return out[:, :seq_len_q, :, :head_dim], lse[:, :, :seq_len_q]

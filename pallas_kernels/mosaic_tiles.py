@@ -116,6 +116,14 @@ class MosaicBlocks:
   forward_stages: the forward's ring depth where it differs from `stages`
     (None: `stages`), so that a forward tuned deeper leaves the backward's
     kernels as they are.
+  cluster: the forward's CTAs per cluster, 1 or 2. With 2, a cluster runs
+    two adjacent query tiles of one head in step, and each K and V block
+    is read from L2 once for both: each CTA loads half of it and TMA
+    multicasts it to both (FlashAttention-3's non-causal forward at
+    head_dim >= 128). Only where both tiles of every pair visit the same
+    key blocks (no causal mask, window or segment ids); elsewhere it
+    raises NotImplementedError. Not yet measured: off by default
+    (benchmarks/NOTES.md item 67).
   """
   block_q: int = 64
   block_k: int = 128
@@ -129,6 +137,7 @@ class MosaicBlocks:
   persistent: bool = True
   consumers: int = 2
   forward_stages: int | None = None
+  cluster: int = 1
 
   def __post_init__(self):
     for field in ("block_q", "block_k", "block_k_dq", "block_q_dkv",
@@ -162,6 +171,10 @@ class MosaicBlocks:
           f"MosaicBlocks.consumers={self.consumers} needs block_k <= 128 "
           f"(got {self.block_k}) and overlap=False (got {self.overlap}): "
           f"its consumers have 160 registers")
+    if (not isinstance(self.cluster, int) or isinstance(self.cluster, bool)
+        or self.cluster not in (1, 2)):
+      raise ValueError(f"MosaicBlocks.cluster must be 1 or 2, got "
+                       f"{self.cluster!r}")
     if self.fused_dq is not None and not isinstance(self.fused_dq, bool):
       raise ValueError(f"MosaicBlocks.fused_dq must be a bool or None, got "
                        f"{self.fused_dq!r}")
@@ -278,7 +291,7 @@ def smem_bytes(scratch) -> int:
   `compiler_params`)."""
   size = 0
   for leaf in jax.tree.leaves(scratch):
-    if isinstance(leaf, plgpu.Barrier):
+    if isinstance(leaf, (plgpu.Barrier, plgpu.ClusterBarrier)):
       size += BARRIER_BYTES * math.prod(leaf.num_barriers)
     else:
       size += round_up(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize,
@@ -337,6 +350,10 @@ class Tiles:
   with a tail, one CTA per SM and then single-item CTAs:
   `schedule.with_tail`), which the kernel reads from its "schedule" input
   (`inputs`, `bind`).
+
+  With `cluster` = 2 an item is a pair of adjacent tiles (2i, 2i + 1),
+  `num_tiles` counts pairs and `num_ctas` clusters (the grid), and CTA r of
+  a cluster (axis "cluster") takes tile 2i + r of each item.
   """
   num_tiles: int
   num_heads: int
@@ -344,22 +361,25 @@ class Tiles:
   num_ctas: int
   last_first: bool = True
   lists: tuple | None = None
+  cluster: int = 1
   # The "schedule" input's ref, inside the kernel (`bind`).
   ref: object = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
   def make(cls, costs, num_heads: int, batch: int, *, persistent: bool,
            last_first: bool = True, max_mean_varied=None,
-           tail_fraction: float = 0.0) -> "Tiles":
+           tail_fraction: float = 0.0, cluster: int = 1) -> "Tiles":
     """costs[i]: the blocks tile i visits (its work); `max_mean_varied`
     (if not None) replaces `MAX_MEAN_COST_VARIED`; where persistent, the
     last `tail_fraction` of the items run one per CTA after the persistent
-    CTAs (`schedule.with_tail`)."""
-    num, sms = len(costs), num_sms()
+    CTAs (`schedule.with_tail`). With `cluster` = 2, costs[i] is pair i's
+    (each of its tiles'), and the persistent grid has one cluster per two
+    SMs."""
+    num, sms = len(costs), num_sms() // cluster
     limit = (MAX_MEAN_COST_VARIED if max_mean_varied is None
              else max_mean_varied)
     one_per_tile = cls.one_per_tile(num, num_heads, batch,
-                                    last_first=last_first)
+                                    last_first=last_first, cluster=cluster)
     if not persistent or one_per_tile.total <= sms:
       return one_per_tile
     if max(costs) > min(costs) and sum(costs) > limit * num:
@@ -367,13 +387,13 @@ class Tiles:
     item_costs = one_per_tile.item_costs(costs)
     tail = min(int(tail_fraction * len(item_costs)), len(item_costs) - sms)
     lists = schedule.with_tail(item_costs, sms, tail)
-    return cls(num, num_heads, batch, len(lists), last_first, lists)
+    return cls(num, num_heads, batch, len(lists), last_first, lists, cluster)
 
   @classmethod
   def one_per_tile(cls, num_tiles: int, num_heads: int, batch: int, *,
-                   last_first: bool = True) -> "Tiles":
+                   last_first: bool = True, cluster: int = 1) -> "Tiles":
     return cls(num_tiles, num_heads, batch, num_tiles * num_heads * batch,
-               last_first)
+               last_first, cluster=cluster)
 
   @property
   def total(self) -> int:
@@ -420,10 +440,13 @@ class Tiles:
     return self.ref[cta, 0] if self.persistent else _i32(1)
 
   def _coords(self, flat):
-    """(tile, head, batch) of the item at flat index `flat` (int32)."""
+    """(tile, head, batch) of the item at flat index `flat` (int32): with
+    a cluster, this CTA's tile of the item's pair."""
     head_batch = lax.div(flat, _i32(self.num_tiles))
-    return (self._tile(lax.rem(flat, _i32(self.num_tiles))),
-            lax.rem(head_batch, _i32(self.num_heads)),
+    tile = self._tile(lax.rem(flat, _i32(self.num_tiles)))
+    if self.cluster > 1:
+      tile = tile * _i32(self.cluster) + lax.axis_index("cluster")
+    return (tile, lax.rem(head_batch, _i32(self.num_heads)),
             lax.div(head_batch, _i32(self.num_heads)))
 
   def at(self, cta, t):
@@ -640,11 +663,15 @@ def tile_visible(mask: MaskRule, shape, row_start, col_start, *,
   return visible
 
 
-def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
+def copy_rows(refs, names, dst, barrier, *, batch, rows, head,
+              multicast: bool = False):
   """TMA copies of the token rows `rows` of each named input, in order,
   into the shared-memory buffer dst(name), completing on `barrier`:
   tokens [B, L, heads, H] (q, k, v, do) and statistics [B, heads, L] (lse,
-  delta) at `head`, segment ids [B, L]."""
+  delta) at `head`, segment ids [B, L]. `multicast`: every CTA of the
+  cluster issues the same copy; each loads its share of the rows and
+  multicasts it, so each CTA's buffer receives all of them."""
+  collective = {"collective_axes": "cluster"} if multicast else {}
   for name in names:
     ref = refs[name]
     if ref.ndim == 4:
@@ -653,7 +680,7 @@ def copy_rows(refs, names, dst, barrier, *, batch, rows, head):
       src = ref.at[batch, head, rows]
     else:
       src = ref.at[batch, rows]
-    plgpu.copy_gmem_to_smem(src, dst(name), barrier)
+    plgpu.copy_gmem_to_smem(src, dst(name), barrier, **collective)
 
 
 def own_rows(tile, wg, block: int, consumers: int = CONSUMERS):
@@ -815,20 +842,25 @@ def matmul_t(a, b, shape, during=None):
 
 
 def kv_ring_scratch(mask: MaskRule, block_k: int, stages: int, head_dim: int,
-                    dtype, consumers: int = CONSUMERS) -> tuple:
+                    dtype, consumers: int = CONSUMERS,
+                    cluster: int = 1) -> tuple:
   """(buffers, barriers) of a ring of K and V tiles (and key segment ids)
-  that the consumers free once each: see `kv_producer`."""
+  that the consumers free once each: see `kv_producer`. With a cluster, a
+  slot is free once the consumers of every CTA in it have freed it (a
+  multicast refills it in all of them)."""
   swizzle = swizzle_for(block_k)
   buffers = dict(k=tile_smem((stages, block_k, head_dim), dtype, swizzle),
                  v=tile_smem((stages, block_k, head_dim), dtype, swizzle))
   if mask.has_segments:
     buffers["kv_seg"] = plgpu.SMEM((stages, block_k), jnp.int32)
+  free = (functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
+          if cluster > 1 else plgpu.Barrier)
   barriers = dict(
       k_ready=plgpu.Barrier(num_arrivals=2 if mask.has_segments else 1,
                             num_barriers=stages),
       v_ready=plgpu.Barrier(num_barriers=stages),
-      k_free=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),
-      v_free=plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))
+      k_free=free(num_arrivals=consumers, num_barriers=stages),
+      v_free=free(num_arrivals=consumers, num_barriers=stages))
   return buffers, barriers
 
 
@@ -839,8 +871,13 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
   key segment ids) and V of every key block each of the CTA's tiles (of
   consumers * block_q rows) visits,
   in order, into the ring of `kv_ring_scratch`; the ring runs on across
-  tiles, so the next tile's first blocks load while this one finishes."""
+  tiles, so the next tile's first blocks load while this one finishes.
+  In a cluster (`tiles.cluster`), the CTAs' copies are multicast, and
+  before leaving the producer waits for the last frees of its slots, which
+  the other CTA's consumers send too: no arrival may reach a CTA that has
+  exited."""
   bars = scratch["bars"]
+  multicast = tiles.cluster > 1
 
   def tile(t, coords, first):
     q_tile, head, batch = coords
@@ -853,7 +890,7 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
       copy = functools.partial(
           copy_rows, refs, dst=lambda name: scratch[name].at[slot],
           batch=batch, rows=pl.ds((start + i) * block_k, block_k),
-          head=kv_head)
+          head=kv_head, multicast=multicast)
       wait_free(bars["k_free"])
       copy(["k"] + (["kv_seg"] if mask.has_segments else []),
            barrier=bars["k_ready"].at[slot])
@@ -863,7 +900,15 @@ def kv_producer(refs, scratch, *, mask: MaskRule, block_q: int, block_k: int,
     fill_ring(end - start, stages, load, first=first)
     return first + end - start
 
-  tiles.loop(tile, _i32(0))
+  steps = tiles.loop(tile, _i32(0))
+  if multicast:
+    for j in range(stages):  # ring steps steps - stages .. steps - 1
+      step = steps - stages + j
+
+      @pl.when(step >= 0)
+      def _():
+        for name in ("k_free", "v_free"):
+          plgpu.barrier_wait(bars[name].at[slot_of(step, stages)])
 
 
 def named_refs(args, names):

@@ -257,6 +257,102 @@ def test_three_consumers_unsupported(blocks, head_dim, message):
         score=ScoreRule(scale=head_dim ** -0.5), blocks=tiles), q, q, q)
 
 
+# Two-CTA clusters in the forward: K and V multicast to both query tiles of
+# a pair (FlashAttention-3's non-causal forward at head_dim >= 128).
+CLUSTER = fa2_jax.MosaicBlocks(cluster=2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("shape,blocks", [
+    ((1, 1000, 777, 4, 2, 128, False), CLUSTER),  # odd tile count: padded
+    ((2, 300, 260, 4, 4, 128, False), dataclasses.replace(CLUSTER,
+                                                          block_k=192)),
+    ((1, 700, 700, 3, 1, 64, False), dataclasses.replace(
+        CLUSTER, block_k=256, block_q_dkv=128)),
+    ((1, 1000, 1000, 2, 2, 128, False), dataclasses.replace(
+        CLUSTER, persistent=False)),
+])
+def test_cluster_forward(shape, blocks, dtype, hopper):
+  """The clustered forward against the reference: T not a multiple of a
+  pair of tiles, S not of a key block, GQA and MQA, one CTA per pair."""
+  check_against_reference(shape, dtype, False, block_sizes=blocks, seed=31,
+                          implementation="mosaic")
+
+
+def test_cluster_forward_persistent(hopper, few_sms):
+  """Persistent clusters (one per two of the 3 SMs faked here: a grid of
+  1), each running many pairs with the K/V ring running on across them."""
+  check_against_reference((2, 1000, 900, 4, 2, 128, False), jnp.bfloat16,
+                          False, block_sizes=CLUSTER, seed=32,
+                          implementation="mosaic")
+
+
+def test_cluster_forward_bitwise(hopper):
+  """Each row takes the same key blocks in the same order as without the
+  cluster, so the forward is bitwise the unclustered one's; and it
+  repeats."""
+  q, k, v, _, _ = numerics.random_inputs(
+      6, batch=2, seq_q=1000, seq_k=900, heads=4, kv_heads=2, head_dim=128,
+      dtype=jnp.bfloat16)
+  def run(blocks):
+    return jax.jit(functools.partial(
+        fa2_jax.flash_attention, implementation="mosaic", block_sizes=blocks,
+        return_residual=True))(q, k, v)
+  clustered = run(CLUSTER)
+  for a, b, c in zip(clustered, run(CLUSTER),
+                     run(dataclasses.replace(CLUSTER, cluster=1))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("rule_kwargs,message", [
+    (dict(is_causal=True), "is_causal=True"),
+    (dict(window_left=100, window_right=0), r"window=\(100, 0\)"),
+    (dict(has_segments=True), "segment ids=True"),
+])
+def test_cluster_forward_unsupported(rule_kwargs, message):
+  """Where the two tiles of a pair would visit different key blocks."""
+  q = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16)
+  rule = MaskRule(seq_len_q=1024, seq_len_k=1024, **rule_kwargs)
+  segments = None
+  if rule.has_segments:
+    ids = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+    segments = (ids, ids)
+  with pytest.raises(NotImplementedError,
+                     match=r"cluster=2\) needs .*" + message):
+    jax.eval_shape(functools.partial(
+        mosaic_forward.forward, mask=rule, score=ScoreRule(scale=0.1),
+        blocks=CLUSTER), q, q, q, segments)
+
+
+def test_cluster_must_be_one_or_two():
+  with pytest.raises(ValueError, match="cluster must be 1 or 2, got 4"):
+    fa2_jax.MosaicBlocks(cluster=4)
+
+
+@pytest.mark.parametrize("pairs,heads,batch", [(16, 16, 4), (64, 16, 1),
+                                               (3, 2, 1)])
+def test_cluster_schedule_covers_every_pair(pairs, heads, batch,
+                                            monkeypatch):
+  """A clustered persistent grid has at most one cluster per two SMs, and
+  its lists hold every (pair, head, batch) once."""
+  monkeypatch.setattr(mosaic_tiles, "num_sms", lambda: 132)
+  tiles = mosaic_tiles.Tiles.make([5] * pairs, heads, batch,
+                                  persistent=True, cluster=2)
+  total = pairs * heads * batch
+  assert tiles.persistent == (total > 66)
+  assert tiles.num_ctas == min(total, 66)
+  # Walked as pairs (outside a kernel there is no "cluster" axis).
+  walk = dataclasses.replace(tiles, cluster=1).bind(
+      {"schedule": tiles.table() if tiles.persistent else None})
+  seen = [tuple(int(x) for x in walk.at(jnp.int32(c), jnp.int32(t)))
+          for c in range(walk.num_ctas)
+          for t in range(int(walk.count(jnp.int32(c))))]
+  assert sorted(seen) == sorted(itertools.product(
+      range(pairs), range(heads), range(batch)))
+
+
 def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True,
                  given_delta=False):
   """The Hopper forward and/or backward at these tiles, traced and lowered
@@ -308,6 +404,9 @@ def _mosaic_text(rule, blocks, head_dim, *, forward=True, backward=True,
     (64, 1000, dict(is_causal=True, has_segments=True), THREE_CONSUMERS),
     (128, 2000, dict(is_causal=True, window_left=300, window_right=0),
      dataclasses.replace(THREE_CONSUMERS, block_k=64, block_q_dkv=64)),
+    (128, 4096, {}, CLUSTER),  # K/V multicast in two-CTA clusters
+    (128, 1000, {}, dataclasses.replace(CLUSTER, block_k=192,
+                                        persistent=False)),
 ])
 def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
   """The forward and backward (at their default tiles, or `blocks`) trace
