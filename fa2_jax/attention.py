@@ -147,7 +147,8 @@ def kernel_config(mask, score, dropout, implementation: str, interpret: bool,
                     else default_mosaic_blocks(
                         head_dim, masked=mask.cuts_many_blocks,
                         key_span=mask.key_span,
-                        unmasked_len=mask.unmasked_len))
+                        unmasked_len=mask.unmasked_len,
+                        seq_len_q=mask.seq_len_q))
   return KernelConfig(mask=mask, score=score, dropout=dropout,
                       block_sizes=triton_tiles, interpret=interpret,
                       backend=implementation, mosaic_blocks=mosaic_tiles)

@@ -122,8 +122,9 @@ class MosaicBlocks:
     multicasts it to both (FlashAttention-3's non-causal forward at
     head_dim >= 128). Only where both tiles of every pair visit the same
     key blocks (no causal mask, window or segment ids); elsewhere it
-    raises NotImplementedError. Not yet measured: off by default
-    (benchmarks/NOTES.md item 67).
+    raises NotImplementedError. 1-3% faster without a mask (not at head_dim
+    256): the default from `CLUSTER_MIN_LEN` tokens where the query tiles
+    pair up. Each row's result is bitwise that of cluster=1.
   """
   block_q: int = 64
   block_k: int = 128
@@ -206,9 +207,22 @@ THREE_CONSUMERS_MIN_LEN = 8192
 WIDE_KEYS_MIN_LEN = 8192
 
 
+# At head_dim <= 128 without any mask, from this many queries and keys the
+# forward runs in two-CTA clusters multicasting K and V
+# (`MosaicBlocks.cluster`). On an H100 (bf16, 16k tokens, alternated in one
+# process under sustained load; benchmarks/NOTES.md item 68), TFLOP/s with
+# against without: head_dim 128 at 1k 539-542 / 533-536, 2k 573-584 /
+# 569-571, 4k 597-602 / 583-595, 16k 665-667 / 660-663; head_dim 64 at 1k
+# 452-455 / 444-448, 4k 481 / 468-469, 16k 508 / 507. Head_dim 256 was mixed
+# (614 / 603-626), and it is not the L2: the K/V stream alone runs at 18
+# TB/s, four times what the forward needs.
+CLUSTER_MIN_LEN = 1024
+
+
 def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
                           key_span: int | None = None,
-                          unmasked_len: int | None = None) -> MosaicBlocks:
+                          unmasked_len: int | None = None,
+                          seq_len_q: int | None = None) -> MosaicBlocks:
   """The Hopper tiles for a head_dim (swept on an H100,
   benchmarks/tune_mosaic.py): narrower key tiles at 256 (registers and
   shared memory: Q is 64 KiB there), and 32-row streamed blocks in its
@@ -224,11 +238,26 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   None when unbounded). `unmasked_len`: min(T, S) where no mask cuts any
   block (no causal mask, window or segment ids), else None; from
   `THREE_CONSUMERS_MIN_LEN` at head_dim 64 the forward takes 3 consumers,
-  from `WIDE_KEYS_MIN_LEN` at 128 192-key blocks."""
+  from `WIDE_KEYS_MIN_LEN` at 128 192-key blocks, and from `CLUSTER_MIN_LEN`
+  at head_dim <= 128 two-CTA clusters where `seq_len_q` (T) makes an even
+  number of query tiles (pairs need no padding tile)."""
   if not isinstance(masked, bool):
     raise TypeError(f"masked must be a bool, got {masked!r}")
   check_token_count(key_span)
   check_token_count(unmasked_len, "unmasked_len")
+  check_token_count(seq_len_q, "seq_len_q")
+  blocks = _default_tiles(head_dim, masked, key_span, unmasked_len)
+  rows = blocks.consumers * blocks.block_q
+  if (head_dim <= 128 and unmasked_len is not None
+      and unmasked_len >= CLUSTER_MIN_LEN and seq_len_q is not None
+      and -(-seq_len_q // rows) % 2 == 0):
+    blocks = dataclasses.replace(blocks, cluster=2)
+  return blocks
+
+
+def _default_tiles(head_dim: int, masked: bool, key_span: int | None,
+                   unmasked_len: int | None) -> MosaicBlocks:
+  """`default_mosaic_blocks` but for the cluster."""
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=32,
                         block_q_dkv=32, block_k_dkv=64, stages=2)

@@ -344,6 +344,28 @@ def test_default_wide_keys(head_dim, seq_q, seq_k, kwargs, block_k):
   assert (tiles.block_k_dq, tiles.block_k_dkv) == (128, 64)  # the backward's
 
 
+@pytest.mark.parametrize("head_dim,seq_q,seq_k,kwargs,cluster", [
+    (128, 4096, 4096, dict(), 2),
+    (128, 2000, 1024, dict(), 2),  # 16 tiles, the last one part padding
+    (64, 16384, 16384, dict(), 2),  # 86 tiles of 192 rows
+    (64, 8192, 8192, dict(), 1),  # 43 tiles of 192 rows: no pairs
+    (128, 1100, 4096, dict(), 1),  # 9 tiles: a pair would pad a 10th
+    (128, 4096, 1000, dict(), 1),  # under CLUSTER_MIN_LEN keys
+    (128, 512, 512, dict(), 1),
+    (256, 4096, 4096, dict(), 1),
+    (128, 4096, 4096, dict(is_causal=True), 1),
+    (128, 4096, 4096, dict(local_window_size=(1024, 1024)), 1),
+    (128, 4096, 4096, dict(q_segment_ids=jnp.zeros((1, 4096), jnp.int32)),
+     1),
+    (128, 4096, 4096, dict(key_value_seq_lengths=jnp.array([4000])), 1),
+])
+def test_default_cluster(head_dim, seq_q, seq_k, kwargs, cluster):
+  """The forward runs in two-CTA clusters at head_dim <= 128 with no mask
+  from 1024 queries and keys, where the query tiles pair up."""
+  assert _default_mosaic_tiles(head_dim, seq_q, seq_k,
+                               kwargs).cluster == cluster
+
+
 def test_default_mosaic_blocks_validation():
   with pytest.raises(TypeError, match="masked must be a bool, got 1"):
     fa2_jax.default_mosaic_blocks(64, masked=1)
@@ -355,3 +377,5 @@ def test_default_mosaic_blocks_validation():
     fa2_jax.default_mosaic_blocks(64, unmasked_len=8192.0)
   with pytest.raises(ValueError, match="unmasked_len must be >= 0, got -1"):
     fa2_jax.default_mosaic_blocks(64, unmasked_len=-1)
+  with pytest.raises(TypeError, match="seq_len_q must be an int or None"):
+    fa2_jax.default_mosaic_blocks(64, seq_len_q="4096")

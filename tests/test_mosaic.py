@@ -416,7 +416,7 @@ def test_kernels_lower_for_cuda(head_dim, seq_len, rule_kwargs, blocks):
   rule = MaskRule(seq_len_q=seq_len, seq_len_k=seq_len, **rule_kwargs)
   blocks = blocks or fa2_jax.default_mosaic_blocks(
       head_dim, masked=rule.cuts_many_blocks, key_span=rule.key_span,
-      unmasked_len=rule.unmasked_len)
+      unmasked_len=rule.unmasked_len, seq_len_q=rule.seq_len_q)
   text = _mosaic_text(rule, blocks, head_dim)
   # The forward; the dK/dV kernel (twice at head_dim 256), and the dQ
   # kernel unless dQ is fused.
