@@ -248,16 +248,18 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   check_token_count(seq_len_q, "seq_len_q")
   blocks = _default_tiles(head_dim, masked, key_span, unmasked_len)
   rows = blocks.consumers * blocks.block_q
+  # The forward pads T to whole clusters of tiles (`mosaic_forward`): pair
+  # only where that adds no tile.
   if (head_dim <= 128 and unmasked_len is not None
       and unmasked_len >= CLUSTER_MIN_LEN and seq_len_q is not None
-      and -(-seq_len_q // rows) % 2 == 0):
+      and round_up(seq_len_q, 2 * rows) == round_up(seq_len_q, rows)):
     blocks = dataclasses.replace(blocks, cluster=2)
   return blocks
 
 
 def _default_tiles(head_dim: int, masked: bool, key_span: int | None,
                    unmasked_len: int | None) -> MosaicBlocks:
-  """`default_mosaic_blocks` but for the cluster."""
+  """The default tiles before the cluster rule (`default_mosaic_blocks`)."""
   if head_dim > 128:
     return MosaicBlocks(block_q=64, block_k=64, block_k_dq=32,
                         block_q_dkv=32, block_k_dkv=64, stages=2)
