@@ -189,6 +189,13 @@ class MosaicBlocks:
 PINGPONG_ACROSS_KEY_SPAN = 2048
 
 
+# At head_dim 128 under such a window, the dQ kernel's key blocks: each
+# query tile visits few of them, and 64-key blocks waste fewer masked keys
+# on the band's edges. 1k window at 16k, bwd 0.854 / 0.846 ms against
+# 0.883 / 0.883 with 128 (benchmarks/NOTES.md item 68).
+NARROW_WINDOW_BLOCK_K_DQ = 64
+
+
 # At head_dim 64 without any mask, from this many queries and keys the
 # forward runs 3 consumers (192-row tiles) with 128-key blocks in 3 stages:
 # on an H100 499-509 against 485-490 TFLOP/s at 16k, 500-503 against
@@ -236,7 +243,9 @@ def default_mosaic_blocks(head_dim: int, *, masked: bool = True,
   as at 128 under a window of at most `PINGPONG_ACROSS_KEY_SPAN` keys
   (`key_span`: the most keys a query row can see, `MaskRule.key_span`;
   None when unbounded). `unmasked_len`: min(T, S) where no mask cuts any
-  block (no causal mask, window or segment ids), else None; from
+  block (no causal mask, window or segment ids), else None. Under a
+  window that narrow, head_dim 128's dQ kernel takes
+  `NARROW_WINDOW_BLOCK_K_DQ`-key blocks. From
   `THREE_CONSUMERS_MIN_LEN` at head_dim 64 the forward takes 3 consumers,
   from `WIDE_KEYS_MIN_LEN` at 128 192-key blocks, and from `CLUSTER_MIN_LEN`
   at head_dim <= 128 two-CTA clusters where `seq_len_q` (T) makes an even
@@ -271,8 +280,9 @@ def _default_tiles(head_dim: int, masked: bool, key_span: int | None,
                         pingpong_across_tiles=True)
   if unmasked_len is not None and unmasked_len >= WIDE_KEYS_MIN_LEN:
     return MosaicBlocks(block_k=192)
-  return MosaicBlocks(pingpong_across_tiles=key_span is not None
-                      and key_span <= PINGPONG_ACROSS_KEY_SPAN)
+  narrow = key_span is not None and key_span <= PINGPONG_ACROSS_KEY_SPAN
+  return MosaicBlocks(pingpong_across_tiles=narrow,
+                      block_k_dq=NARROW_WINDOW_BLOCK_K_DQ if narrow else 128)
 
 
 # Streaming multiprocessors assumed when no GPU is visible (an H100 SXM), as

@@ -297,6 +297,24 @@ def test_default_pingpong_across_tiles(head_dim, kwargs, across):
   assert config.mosaic_blocks.pingpong_across_tiles == across
 
 
+@pytest.mark.parametrize("head_dim,kwargs,block_k_dq", [
+    (128, dict(is_causal=True, local_window_size=(1024, 0)), 64),
+    (128, dict(local_window_size=(1000, 1000)), 64),  # 2001 keys
+    (128, dict(local_window_size=(1024, 1024)), 128),  # 2049 keys
+    (128, dict(is_causal=True), 128),
+    (128, dict(), 128),
+    (64, dict(is_causal=True, local_window_size=(1024, 0)), 128),
+])
+def test_default_window_dq_blocks(head_dim, kwargs, block_k_dq):
+  """The dQ kernel takes 64-key blocks at head_dim 128 under a window of at
+  most 2048 keys."""
+  x = jax.ShapeDtypeStruct((1, 4096, 2, head_dim), jnp.float32)
+  r = rules.build_rules(validation.check_qkv(x, x, x), **kwargs)
+  config = attention.kernel_config(r.mask, r.score, r.dropout, "mosaic",
+                                   False, head_dim, jnp.bfloat16)
+  assert config.mosaic_blocks.block_k_dq == block_k_dq
+
+
 def _default_mosaic_tiles(head_dim, seq_q, seq_k, kwargs):
   """The MosaicBlocks fa2_jax picks for these shapes and mask arguments."""
   q = jax.ShapeDtypeStruct((1, seq_q, 2, head_dim), jnp.float32)
@@ -341,7 +359,7 @@ def test_default_wide_keys(head_dim, seq_q, seq_k, kwargs, block_k):
   8192 queries and keys (the backward's tiles are unchanged)."""
   tiles = _default_mosaic_tiles(head_dim, seq_q, seq_k, kwargs)
   assert tiles.block_k == block_k
-  assert (tiles.block_k_dq, tiles.block_k_dkv) == (128, 64)  # the backward's
+  assert tiles.block_k_dkv == 64  # dQ: test_default_window_dq_blocks
 
 
 @pytest.mark.parametrize("head_dim,seq_q,seq_k,kwargs,cluster", [
