@@ -192,7 +192,7 @@ PINGPONG_ACROSS_KEY_SPAN = 2048
 # At head_dim 128 under such a window, the dQ kernel's key blocks: each
 # query tile visits few of them, and 64-key blocks waste fewer masked keys
 # on the band's edges. 1k window at 16k, bwd 0.854 / 0.846 ms against
-# 0.883 / 0.883 with 128 (benchmarks/NOTES.md item 68).
+# 0.883 / 0.883 with 128 (benchmarks/NOTES.md item 69).
 NARROW_WINDOW_BLOCK_K_DQ = 64
 
 
@@ -280,9 +280,10 @@ def _default_tiles(head_dim: int, masked: bool, key_span: int | None,
                         pingpong_across_tiles=True)
   if unmasked_len is not None and unmasked_len >= WIDE_KEYS_MIN_LEN:
     return MosaicBlocks(block_k=192)
-  narrow = key_span is not None and key_span <= PINGPONG_ACROSS_KEY_SPAN
-  return MosaicBlocks(pingpong_across_tiles=narrow,
-                      block_k_dq=NARROW_WINDOW_BLOCK_K_DQ if narrow else 128)
+  if key_span is not None and key_span <= PINGPONG_ACROSS_KEY_SPAN:
+    return MosaicBlocks(pingpong_across_tiles=True,
+                        block_k_dq=NARROW_WINDOW_BLOCK_K_DQ)
+  return MosaicBlocks()
 
 
 # Streaming multiprocessors assumed when no GPU is visible (an H100 SXM), as
